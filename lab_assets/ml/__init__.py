@@ -1,0 +1,6 @@
+"""Plain ML code for the task-geometry experiment: no Dagster here.
+
+Everything in this package is importable and testable on its own: task data
+generators, the tiny base model, adapter training, spectral math and the
+classifiers. The Dagster assets in ``lab_assets`` call into it.
+"""
