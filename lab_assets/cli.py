@@ -1,0 +1,120 @@
+"""The `lab` console script: work that is not a single asset run.
+
+- `lab materialize [--experiment FILE]`: every partition of an experiment, through
+  Dagster, with a progress bar; the README's main command.
+- `lab validate [--experiment FILE]`: check an experiment file and list its partitions.
+- `lab spectrum ADAPTER_DIR [--base MODEL_DIR] --out FILE.parquet`: spectral features
+  of any PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lab_assets.config import ExperimentError, load_experiment
+
+DEFAULT_DAGSTER_HOME = ".dagster_home"
+DAGSTER_YAML = """\
+# Written by `lab`. Local run/event storage (SQLite) under this directory.
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """`$DAGSTER_HOME`, defaulting to ./.dagster_home, created with a dagster.yaml if new."""
+    home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment)
+    print(f"{exp.path}: valid")
+    print(f"  experiment   {exp.name}")
+    print(f"  storage      {exp.storage_root}")
+    print(f"  compute      {exp.file.compute.kind}")
+    print(f"  base models  {', '.join(exp.model_ids)}")
+    print(f"  runs         {len(exp.runs)}: {', '.join(exp.run_ids)}")
+    print(f"  adapters     {len(exp.runs) * len(exp.model_ids)} partitions (model × run)")
+    return 0
+
+
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    exp = load_experiment(args.experiment)
+    home = ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from lab_assets.runner import RunFailed, materialize_experiment, plan_experiment, use_experiment
+
+    use_experiment(exp)
+    total = len(plan_experiment(exp))
+    print(f"experiment {exp.name}: {total} runs into {exp.storage_root} (DAGSTER_HOME={home})")
+    with DagsterInstance.get() as instance, tqdm(total=total, unit="run") as bar:
+
+        def progress(outcome) -> None:
+            bar.set_postfix_str(f"{outcome.planned.label} {outcome.seconds:.1f}s")
+            bar.update(1)
+
+        try:
+            summary = materialize_experiment(exp, instance, on_progress=progress)
+        except RunFailed as e:
+            bar.close()
+            print(f"\nFAILED: {e}", file=sys.stderr)
+            return 1
+    print(f"materialised {len(summary.outcomes)} runs in {summary.seconds:.1f} s wall time")
+    _print_classification(exp)
+    return 0
+
+
+def _print_classification(exp) -> None:
+    from resources.storage import open_store
+
+    store = open_store(exp.storage_root, exp.name)
+    if not store.is_complete("classification_results", None):
+        return
+    results = json.loads(
+        (store.local_path("classification_results", None) / "results.json").read_text()
+    )
+    for target, r in results.items():
+        ci = f" (95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f})" if "ci_low" in r else ""
+        p = f", permutation p={r['p_value']:.3f}" if "p_value" in r else ""
+        print(f"  {target:7s} accuracy {r['accuracy']:.3f}{ci} vs chance {r['chance']:.3f}{p}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "spectrum":
+        from lab_assets.cli_spectrum import spectrum_main
+
+        return spectrum_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in (
+        ("materialize", _cmd_materialize, "materialise every partition of an experiment"),
+        ("validate", _cmd_validate, "validate an experiment file and list its partitions"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT or tiny)")
+        p.set_defaults(fn=fn)
+    sub.add_parser("spectrum", help="spectral features of a PEFT LoRA adapter (see --help)")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ExperimentError as e:
+        print(f"lab: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

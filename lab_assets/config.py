@@ -1,0 +1,392 @@
+"""The declarative experiment file: its schema, loading, validation and partition keys.
+
+One YAML file describes a whole experiment. It is validated when the Dagster
+definitions load, so a typo stops everything before anything runs, with an
+error that names the file and the field at fault. Partition keys are derived
+from the file here, and nowhere else, so they stay stable and readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lab_assets.ml.tasks import TASKS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = REPO_ROOT / "experiments" / "tiny.yaml"
+EXPERIMENT_ENV = "LAB_EXPERIMENT"
+STORAGE_ENV = "LAB_STORAGE_ROOT"
+
+METHODS = ("lora_sft", "dpo")
+METHOD_SLUG = {"lora_sft": "sft", "dpo": "dpo"}
+_SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class ExperimentError(ValueError):
+    """The experiment file is missing or invalid; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinySource(_Strict):
+    """A tiny Llama-architecture model that the lab builds and pre-trains on CPU."""
+
+    kind: Literal["tiny"]
+    hidden_size: int = Field(128, ge=16, le=4096)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=16)
+    vocab_size: int = Field(512, ge=64)
+    max_seq_len: int = Field(64, ge=16)
+    pretrain_steps: int = Field(200, ge=0)
+    pretrain_batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    corpus_size: int = Field(4000, ge=10)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinySource:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        return self
+
+
+class HubSource(_Strict):
+    """A Hugging Face Hub model at a pinned revision, fetched through the model cache."""
+
+    kind: Literal["hub"]
+    repo_id: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$")
+    revision: str = Field(min_length=1, description="a commit sha or tag; never a moving branch")
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if v in {"main", "master", "HEAD"}:
+            raise ValueError(f"revision {v!r} moves; pin a commit sha or a tag")
+        return v
+
+
+class BaseModelSpec(_Strict):
+    id: str = Field(pattern=_SLUG)
+    source: Annotated[TinySource | HubSource, Field(discriminator="kind")]
+
+
+class Hyper(_Strict):
+    """Training hyper-parameters; every field may be overridden per grid entry or run."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    steps: int = Field(30, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    use_rslora: bool = False
+    n_examples: int = Field(256, ge=8)
+    dpo_beta: float = Field(0.1, gt=0)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("target_modules must name at least one module")
+        return v
+
+
+_HYPER_FIELDS = tuple(Hyper.model_fields)
+
+
+def _check_task(v: str) -> str:
+    if v not in TASKS:
+        raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(TASKS)}")
+    return v
+
+
+class _Overrides(_Strict):
+    rank: int | None = Field(None, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)
+    target_modules: tuple[str, ...] | None = None
+    steps: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    use_rslora: bool | None = None
+    n_examples: int | None = Field(None, ge=8)
+    dpo_beta: float | None = Field(None, gt=0)
+    tag: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.]{0,30}$")
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _HYPER_FIELDS if getattr(self, k) is not None}
+
+
+class GridEntry(_Overrides):
+    """The cross product methods × tasks × seeds, with optional hyper-parameter overrides."""
+
+    methods: tuple[Literal["lora_sft", "dpo"], ...] = Field(min_length=1)
+    tasks: tuple[str, ...] = Field(min_length=1)
+    seeds: tuple[int, ...] = Field(min_length=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_task(t) for t in v)
+
+
+class RunEntry(_Overrides):
+    """One explicit training run."""
+
+    method: Literal["lora_sft", "dpo"]
+    task: str
+    seed: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return _check_task(v)
+
+
+class SpectrumSpec(_Strict):
+    top_k: int = Field(16, ge=1, le=4096)
+    intruder_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class ClassificationSpec(_Strict):
+    n_permutations: int = Field(200, ge=0, le=10000)
+
+
+class LocalCompute(_Strict):
+    kind: Literal["local"]
+
+
+class GceCompute(_Strict):
+    """Disposable GCE VMs for GPU steps (used by the GCE step launcher)."""
+
+    kind: Literal["gce"]
+    project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+    zones: tuple[str, ...] = Field(min_length=1)
+    machine_type: str = Field(min_length=1)
+    gpu_type: str = Field(min_length=1)
+    gpu_count: int = Field(1, ge=1, le=16)
+    spot: bool = True
+    image_family: str = Field("task-geometry-lab", pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    image_project: str | None = None
+    boot_disk_gb: int = Field(100, ge=10)
+    max_run_duration_s: int = Field(4 * 3600, ge=60)
+    max_preemptions: int = Field(3, ge=0)
+    service_account: str | None = None
+    hourly_usd: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for z in v:
+            if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", z):
+                raise ValueError(f"{z!r} is not a zone name like 'us-central1-a'")
+        return v
+
+
+class BudgetSpec(_Strict):
+    max_usd: float = Field(0.0, ge=0)
+
+
+class ExperimentFile(_Strict):
+    """The YAML document as written."""
+
+    name: str = Field(pattern=_SLUG)
+    description: str = ""
+    storage: str = Field(min_length=1)
+    base_models: tuple[BaseModelSpec, ...] = Field(min_length=1)
+    defaults: Hyper = Hyper()
+    grid: tuple[GridEntry, ...] = ()
+    runs: tuple[RunEntry, ...] = ()
+    spectrum: SpectrumSpec = SpectrumSpec()
+    classification: ClassificationSpec = ClassificationSpec()
+    compute: Annotated[LocalCompute | GceCompute, Field(discriminator="kind")] = LocalCompute(
+        kind="local"
+    )
+    budget: BudgetSpec = BudgetSpec()
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> ExperimentFile:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.base_models):
+            if m.id in seen:
+                raise ValueError(
+                    f"base_models.{i}.id: duplicate model id {m.id!r} (also base_models.{seen[m.id]})"
+                )
+            seen[m.id] = i
+        if not self.grid and not self.runs:
+            raise ValueError("the experiment has no runs: give 'grid' or 'runs'")
+        return self
+
+
+class RunSpec(_Strict):
+    """One resolved adapter training run: a partition of the `run` dimension."""
+
+    id: str
+    method: Literal["lora_sft", "dpo"]
+    task: str
+    seed: int
+    hyper: Hyper
+    origin: str  # where in the file it came from, e.g. "grid.0" or "runs.2"
+
+    def fingerprint(self) -> str:
+        """Hash of exactly the config that shapes this run's adapter."""
+        return _digest(
+            {
+                "method": self.method,
+                "task": self.task,
+                "seed": self.seed,
+                **self.hyper.model_dump(mode="json"),
+            }
+        )
+
+
+class Experiment(_Strict):
+    """The experiment as the lab uses it: the file plus everything derived from it."""
+
+    path: Path
+    file: ExperimentFile
+    storage_root: str
+    runs: tuple[RunSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.file.base_models]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.id for r in self.runs]
+
+    def model(self, model_id: str) -> BaseModelSpec:
+        for m in self.file.base_models:
+            if m.id == model_id:
+                return m
+        raise KeyError(f"{self.path}: no base model {model_id!r}; known: {self.model_ids}")
+
+    def run(self, run_id: str) -> RunSpec:
+        for r in self.runs:
+            if r.id == run_id:
+                return r
+        raise KeyError(f"{self.path}: no run {run_id!r}")
+
+    def model_fingerprint(self, model_id: str) -> str:
+        return _digest(self.model(model_id).model_dump(mode="json"))
+
+    def target_modules(self) -> list[str]:
+        """Every module suffix any run adapts (the base spectrum covers all of them)."""
+        out: list[str] = []
+        for r in self.runs:
+            out.extend(m for m in r.hyper.target_modules if m not in out)
+        return out
+
+
+def _digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_id_for(method: str, task: str, hyper: Hyper, seed: int, tag: str | None) -> str:
+    base = f"{METHOD_SLUG[method]}-{task}-r{hyper.rank}-s{seed}"
+    return f"{base}-{tag}" if tag else base
+
+
+def _expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
+    runs: list[RunSpec] = []
+    where: dict[str, str] = {}
+
+    def add(origin: str, method: str, task: str, seed: int, entry: _Overrides) -> None:
+        hyper = f.defaults.model_copy(update=entry.overrides())
+        hyper = Hyper.model_validate(hyper.model_dump())
+        rid = run_id_for(method, task, hyper, seed, entry.tag)
+        if rid in where:
+            raise ExperimentError(
+                f"{path}: {origin}: duplicate run id {rid!r} (also produced by {where[rid]}); "
+                "give one of them a distinct 'tag'"
+            )
+        where[rid] = origin
+        runs.append(
+            RunSpec(id=rid, method=method, task=task, seed=seed, hyper=hyper, origin=origin)
+        )
+
+    for i, g in enumerate(f.grid):
+        for method in g.methods:
+            for task in g.tasks:
+                for seed in g.seeds:
+                    add(f"grid.{i}", method, task, seed, g)
+    for i, r in enumerate(f.runs):
+        add(f"runs.{i}", r.method, r.task, r.seed, r)
+    return tuple(runs)
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{path}: {loc}: {msg}")
+    return "invalid experiment file\n  " + "\n  ".join(lines)
+
+
+def resolve_storage_root(raw: str, relative_to: Path) -> str:
+    """A `gs://` URI as is; a local path made absolute (relative to `relative_to`)."""
+    if raw.startswith("gs://"):
+        if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?", raw):
+            raise ExperimentError(f"storage root {raw!r} is not a valid gs://bucket/prefix URI")
+        return raw.rstrip("/")
+    if "://" in raw:
+        raise ExperimentError(f"storage root {raw!r}: only local paths and gs:// are supported")
+    p = Path(raw).expanduser()
+    return str((p if p.is_absolute() else relative_to / p).resolve())
+
+
+def load_experiment(path: str | os.PathLike[str] | None = None) -> Experiment:
+    """Load and validate an experiment file (default: `LAB_EXPERIMENT`, else the tiny one)."""
+    raw_path = path if path is not None else os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    p = Path(raw_path).expanduser().resolve()
+    if not p.is_file():
+        src = (
+            f" (from ${EXPERIMENT_ENV})" if path is None and os.environ.get(EXPERIMENT_ENV) else ""
+        )
+        raise ExperimentError(f"{p}: experiment file not found{src}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ExperimentError(f"{p}: the top level must be a mapping of fields")
+    try:
+        f = ExperimentFile.model_validate(doc)
+    except ValidationError as e:
+        raise ExperimentError(_format_validation_error(p, e)) from None
+    override = os.environ.get(STORAGE_ENV)
+    if override:
+        root = resolve_storage_root(override, Path.cwd())
+    else:
+        root = resolve_storage_root(f.storage, p.parent)
+    return Experiment(path=p, file=f, storage_root=root, runs=_expand_runs(f, p))

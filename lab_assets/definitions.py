@@ -1,0 +1,74 @@
+"""Dagster entry point: `dagster dev -m lab_assets.definitions` (or `workspace.yaml`).
+
+The experiment file (``$LAB_EXPERIMENT``, default ``experiments/tiny.yaml``) is
+loaded and validated here, so an invalid file stops the code location from
+loading with an error naming the file and field, and nothing runs.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetSelection,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
+
+from lab_assets.assets import build_assets
+from lab_assets.config import Experiment, GceCompute, load_experiment
+from lab_assets.partitions import build_partitions
+from resources.io_manager import ArtifactIOManager, LabStorage
+from resources.model_cache import ModelCache
+from resources.step_launchers.local import LocalStepLauncher
+from resources.step_launchers.unavailable import UnavailableStepLauncher
+
+BASE_MODELS_JOB = "base_models_job"
+ADAPTERS_JOB = "adapters_job"
+CLASSIFICATION_JOB = "classification_job"
+
+
+def build_definitions(exp: Experiment) -> Definitions:
+    parts = build_partitions(exp)
+    assets = build_assets(exp, parts)
+    storage = LabStorage(root=exp.storage_root, experiment=exp.name)
+    if isinstance(exp.file.compute, GceCompute):
+        launcher = UnavailableStepLauncher(
+            reason=f"{exp.path}: compute.kind 'gce' needs the GCE step launcher, "
+            "which this version of the lab does not ship yet; use compute.kind 'local'"
+        )
+    else:
+        launcher = LocalStepLauncher()
+    jobs = [
+        define_asset_job(
+            BASE_MODELS_JOB,
+            AssetSelection.assets("base_model", "base_spectrum"),
+            partitions_def=parts.models,
+            description="Build or fetch one base model and its spectrum.",
+        ),
+        define_asset_job(
+            ADAPTERS_JOB,
+            AssetSelection.assets("adapter", "spectral_features"),
+            partitions_def=parts.adapters,
+            description="Train one adapter and measure its spectral features.",
+        ),
+        define_asset_job(
+            CLASSIFICATION_JOB,
+            AssetSelection.assets("classification_results"),
+            description="Classify method and task from every adapter's features.",
+        ),
+    ]
+    return Definitions(
+        assets=assets,
+        jobs=jobs,
+        resources={
+            "lab_storage": storage,
+            "io_manager": ArtifactIOManager(storage=storage),
+            "step_launcher": launcher,
+            "model_cache": ModelCache(),
+        },
+        executor=in_process_executor,
+    )
+
+
+experiment = load_experiment()
+defs = build_definitions(experiment)

@@ -1,0 +1,253 @@
+"""One adapter training run: LoRA-SFT or DPO-with-LoRA on a base model.
+
+This is the unit of work behind every ``adapter`` partition. It takes a base
+model directory (HF layout), a ``TrainSpec`` (method, task, seed and
+hyper-parameters) and writes a PEFT adapter (``adapter_model.safetensors`` +
+``adapter_config.json``) whose weight update the spectral analysis measures.
+
+Training goes through TRL's ``SFTTrainer`` / ``DPOTrainer`` rather than a
+hand-written loop so that adapters are made the way practitioners make them.
+Runs are seeded so the same spec on the same machine yields a bitwise-identical
+adapter, and can checkpoint to a directory and resume from it (a preempted GPU
+VM restarts the step from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
+
+from lab_assets.ml.tasks import preference_pairs, sft_examples
+
+METHODS: tuple[str, ...] = ("lora_sft", "dpo")
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@dataclass
+class TrainSpec:
+    method: str
+    task: str
+    seed: int
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    steps: int = 30
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    use_rslora: bool = False
+    n_examples: int = 256
+    dpo_beta: float = 0.1
+    max_length: int = 64
+
+
+@dataclass
+class TrainResult:
+    first_loss: float
+    final_loss: float
+    steps: int
+    wall_s: float
+    trainable_params: int
+    loss_curve: list[float] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+class _LossLogger(TrainerCallback):
+    """Forwards each logged training loss to ``log`` (the trainers' tqdm bars are off)."""
+
+    def __init__(self, log: Callable[[str], None], method: str) -> None:
+        self._log = log
+        self._method = method
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._log(
+                f"{self._method} step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
+            )
+
+
+def _latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Newest ``checkpoint-N`` whose ``trainer_state.json`` exists (the Trainer writes it last)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    complete = []
+    for p in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
+            complete.append((int(suffix), p))
+    return max(complete)[1] if complete else None
+
+
+def _device_and_precision() -> tuple[str, str]:
+    if torch.cuda.is_available():
+        return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "cpu", "fp32"
+
+
+def train_adapter(
+    base_model_dir: str | Path,
+    out_dir: str | Path,
+    spec: TrainSpec,
+    log: Callable[[str], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    checkpoint_every: int = 10,
+) -> TrainResult:
+    """Train one LoRA adapter per ``spec`` on the model in ``base_model_dir``; save it to ``out_dir``.
+
+    With ``checkpoint_dir``, a checkpoint is written there every ``checkpoint_every``
+    steps (and at the end), and the run resumes from the newest complete one if
+    any exists. ``out_dir`` ends up holding exactly ``adapter_model.safetensors``
+    and ``adapter_config.json``.
+    """
+    # Imported here: TRL/PEFT/datasets are heavy and only this function needs them.
+    import datasets
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
+    log = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    device, precision = _device_and_precision()
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+    )
+    peft_config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        use_rslora=spec.use_rslora,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+    scratch = None
+    if checkpoint_dir is not None:
+        trainer_dir = Path(checkpoint_dir)
+        trainer_dir.mkdir(parents=True, exist_ok=True)
+        resume = _latest_checkpoint(trainer_dir)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".trainer-", dir=out_dir.parent)
+        trainer_dir = Path(scratch)
+        resume = None
+
+    common = dict(
+        output_dir=str(trainer_dir),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=spec.learning_rate,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        # CPU kernels are already deterministic; on CUDA this turns on
+        # deterministic algorithms and cuBLAS workspace settings.
+        full_determinism=device == "cuda",
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",  # TRL defaults bf16 to True: make fp32 explicit
+        # TRL turns (deprecated-named) gradient checkpointing on by default; it only
+        # slows small models down.
+        activation_checkpointing=False,
+        max_length=spec.max_length,
+        dataloader_num_workers=0,
+        save_strategy="steps" if checkpoint_dir is not None else "no",
+        save_steps=max(1, checkpoint_every),
+        save_total_limit=2,
+    )
+
+    progress_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        if spec.method == "lora_sft":
+            train_dataset = datasets.Dataset.from_list(
+                sft_examples(spec.task, spec.n_examples, spec.seed)
+            )
+            trainer = SFTTrainer(
+                model=model,
+                args=SFTConfig(**common, packing=False, completion_only_loss=True),
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[_LossLogger(log, spec.method)],
+            )
+        else:
+            train_dataset = datasets.Dataset.from_list(
+                preference_pairs(spec.task, spec.n_examples, spec.seed)
+            )
+            trainer = DPOTrainer(
+                model=model,
+                args=DPOConfig(**common, beta=spec.dpo_beta),
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[_LossLogger(log, spec.method)],
+            )
+        if resume is not None:
+            log(f"resuming from {resume}")
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+        peft_model = trainer.model
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in _ADAPTER_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        peft_model.save_pretrained(out_dir)
+        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card stub
+        # After a resume, log_history holds the steps from before the restart too.
+        losses = {
+            int(e["step"]): float(e["loss"]) for e in trainer.state.log_history if "loss" in e
+        }
+        loss_curve = [losses[s] for s in sorted(losses)]
+        global_step = int(trainer.state.global_step)
+    finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
+        if hf_progress:
+            hf_logging.enable_progress_bar()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    wall_s = time.perf_counter() - t0
+    result = TrainResult(
+        first_loss=loss_curve[0] if loss_curve else float("nan"),
+        final_loss=loss_curve[-1] if loss_curve else float("nan"),
+        steps=global_step,
+        wall_s=wall_s,
+        trainable_params=trainable,
+        loss_curve=loss_curve,
+        device=device,
+        precision=precision,
+    )
+    log(
+        f"{spec.method}/{spec.task}/seed{spec.seed}: loss {result.first_loss:.4f} -> "
+        f"{result.final_loss:.4f} in {result.steps} steps, {wall_s:.2f}s on {device} ({precision})"
+    )
+    return result
