@@ -32,7 +32,8 @@ from dagster._core.execution.plan.external_step import step_context_to_step_run_
 
 from resources.step_launchers.events import LocalEventTail, is_terminal
 
-SCRATCH_ENV = "LAB_SCRATCH_DIR"
+SCRATCH_ENV = "LAB_SCRATCH_DIR"  # the one step's scratch directory, set for the worker
+SCRATCH_ROOT_ENV = "LAB_SCRATCH_ROOT"  # where workers' scratch directories are made
 
 
 class StepWorkerError(RuntimeError):
@@ -54,7 +55,7 @@ class LocalProcessStepLauncher(StepLauncher):
 
     def launch_step(self, step_context: StepExecutionContext) -> Iterator[DagsterEvent]:
         step_run_ref = step_context_to_step_run_ref(step_context)
-        root = Path(self.scratch_root or tempfile.gettempdir())
+        root = Path(self.scratch_root or os.environ.get(SCRATCH_ROOT_ENV) or tempfile.gettempdir())
         root.mkdir(parents=True, exist_ok=True)
         run_id = step_context.dagster_run.run_id
         scratch = Path(tempfile.mkdtemp(prefix=f"lab-{run_id[:8]}-", dir=root))

@@ -1,0 +1,54 @@
+"""A small code location for step-launcher tests: no torch, so workers start fast.
+
+Its assets misbehave on request (fail, crash the worker, wait for an
+acknowledgement) through their run config, so each launcher behaviour is a real
+run through the real launcher.
+"""
+
+import os
+import time
+from pathlib import Path
+
+from dagster import AssetExecutionContext, Config, Definitions, asset, in_process_executor
+
+from resources.io_manager import ArtifactIOManager, LabStorage
+from resources.step_launchers.local import SCRATCH_ENV, LocalStepLauncher
+
+
+class WorkConfig(Config):
+    mode: str = "ok"  # ok | fail | crash | handshake
+    handshake_dir: str = ""
+
+
+@asset(required_resource_keys={"step_launcher"})
+def remote_work(context: AssetExecutionContext, config: WorkConfig):
+    scratch = Path(os.environ[SCRATCH_ENV])
+    context.log.info(f"worker pid {os.getpid()} scratch {scratch}")
+    (scratch / "out").mkdir()
+    (scratch / "out" / "result.txt").write_text("done")
+    if config.mode == "handshake":
+        # Wait until the test has seen this log line in the *host* run's event log.
+        context.log.info("waiting for ack")
+        ack = Path(config.handshake_dir) / "ack"
+        deadline = time.time() + 30
+        while not ack.exists():
+            if time.time() > deadline:
+                raise TimeoutError("the launcher never relayed 'waiting for ack' while running")
+            time.sleep(0.05)
+    if config.mode == "fail":
+        raise ValueError("asset failed on purpose")
+    if config.mode == "crash":
+        os._exit(3)
+    return scratch / "out"
+
+
+storage = LabStorage(root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"), experiment="launcher")
+defs = Definitions(
+    assets=[remote_work],
+    resources={
+        "step_launcher": LocalStepLauncher(),
+        "lab_storage": storage,
+        "io_manager": ArtifactIOManager(storage=storage),
+    },
+    executor=in_process_executor,
+)
