@@ -77,6 +77,7 @@ class LocalProcessStepLauncher(StepLauncher):
                 text=True,
                 bufsize=1,
                 env=env,
+                preexec_fn=_die_with_parent,
             )
             lines: queue.Queue[str] = queue.Queue()
             reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
@@ -113,6 +114,16 @@ class LocalProcessStepLauncher(StepLauncher):
                     proc.wait()
             if not self.keep_scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM it if the plan process dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _pump(stream, lines: queue.Queue[str]) -> None:
