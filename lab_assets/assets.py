@@ -25,6 +25,7 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     BetaWarning,
+    DataVersion,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
     Output,
@@ -35,18 +36,11 @@ from lab_assets.config import Experiment, TinySource
 from lab_assets.metadata import line_plot_png, markdown_table, png_markdown
 from lab_assets.partitions import LabPartitions, split_adapter_key
 from lab_assets.scratch import output_dir
+from lab_assets.versions import CODE_VERSIONS, recipe, ref, upstream
 from resources.io_manager import LabStorage
 from resources.model_cache import ModelCache
 
 GROUP = "task_geometry"
-# Bump when an asset's code changes what it produces; Dagster marks dependents stale.
-CODE_VERSIONS = {
-    "base_model": "1",
-    "base_spectrum": "1",
-    "adapter": "1",
-    "spectral_features": "1",
-    "classification_results": "1",
-}
 BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
 FEATURES_FILE = "features.parquet"
 
@@ -72,6 +66,16 @@ def _check(name: str) -> list[AssetCheckSpec]:
 
 
 def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition]:
+    def stored(storage: LabStorage, asset_name: str, partition: str | None, out, meta: dict):
+        """The output with its recipe, built from the fingerprints of the inputs it read."""
+        inputs = {}
+        for a, q in upstream(exp, asset_name, partition):
+            m = storage.store.read_manifest(a, q)
+            inputs[ref(a, q)] = m.metadata.get("fingerprint", "unrecorded") if m else "missing"
+        r = recipe(exp, asset_name, partition, inputs)
+        meta = {**meta, "lab/fingerprint": r.fingerprint, "lab/recipe": r.to_dict()}
+        return Output(out, metadata=meta, data_version=DataVersion(r.fingerprint))
+
     with warnings.catch_warnings():
         # Beta in 1.13, and the documented way to map model × run onto model.
         warnings.simplefilter("ignore", BetaWarning)
@@ -121,7 +125,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                     "cache_tier": fetched.tier,
                     "fetch_seconds": round(fetched.seconds, 3),
                 }
-        yield Output(out, metadata=meta)
+        yield stored(lab_storage, "base_model", model_id, out, meta)
         yield _integrity_check(lab_storage, "base_model", model_id)
 
     @asset(
@@ -141,16 +145,13 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         with output_dir("base_spectrum") as out:
             save_base_spectrum(spectra, out / BASE_SPECTRUM_FILE)
         rows = [(name, float(s.S[0]), len(s.S)) for name, s in list(spectra.items())[:50]]
-        yield Output(
-            out,
-            metadata={
-                "modules": len(spectra),
-                "top_k": k,
-                "seconds": round(seconds, 3),
-                "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
-                "lab/fingerprint": exp.model_fingerprint(context.partition_key) + f"-k{k}",
-            },
-        )
+        meta = {
+            "modules": len(spectra),
+            "top_k": k,
+            "seconds": round(seconds, 3),
+            "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
+        }
+        yield stored(lab_storage, "base_spectrum", context.partition_key, out, meta)
         yield _integrity_check(lab_storage, "base_spectrum", context.partition_key)
 
     @asset(
@@ -187,24 +188,21 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         with output_dir("adapter") as out:
             result = train_adapter(base_model, out, spec, log=context.log.info)
         curve = [float(x) for x in result.loss_curve]
-        yield Output(
-            out,
-            metadata={
-                "method": run.method,
-                "task": run.task,
-                "seed": run.seed,
-                "first_loss": float(result.first_loss),
-                "final_loss": float(result.final_loss),
-                "steps": int(result.steps),
-                "wall_s": round(float(result.wall_s), 3),
-                "trainable_params": int(result.trainable_params),
-                "device": result.device,
-                "precision": result.precision,
-                "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
-                "loss_values": MetadataValue.json(curve),
-                "lab/fingerprint": f"{exp.model_fingerprint(model_id)}-{run.fingerprint()}",
-            },
-        )
+        meta = {
+            "method": run.method,
+            "task": run.task,
+            "seed": run.seed,
+            "first_loss": float(result.first_loss),
+            "final_loss": float(result.final_loss),
+            "steps": int(result.steps),
+            "wall_s": round(float(result.wall_s), 3),
+            "trainable_params": int(result.trainable_params),
+            "device": result.device,
+            "precision": result.precision,
+            "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
+            "loss_values": MetadataValue.json(curve),
+        }
+        yield stored(context.resources.lab_storage, "adapter", context.partition_key, out, meta)
         yield _integrity_check(context.resources.lab_storage, "adapter", context.partition_key)
 
     @asset(
@@ -256,17 +254,14 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             )
             if c in df.columns
         ]
-        yield Output(
-            out,
-            metadata={
-                "modules": len(df),
-                "seconds": round(seconds, 4),
-                "mean_stable_rank": float(df["stable_rank"].mean()),
-                "max_spectral_norm": float(df["spectral_norm"].max()),
-                "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
-                "lab/fingerprint": f"{exp.model_fingerprint(model_id)}-{run.fingerprint()}",
-            },
-        )
+        meta = {
+            "modules": len(df),
+            "seconds": round(seconds, 4),
+            "mean_stable_rank": float(df["stable_rank"].mean()),
+            "max_spectral_norm": float(df["spectral_norm"].max()),
+            "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
+        }
+        yield stored(lab_storage, "spectral_features", context.partition_key, out, meta)
         yield _integrity_check(lab_storage, "spectral_features", context.partition_key)
 
     @asset(
@@ -313,7 +308,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                 ["true \\ pred", *res["labels"]],
                 [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
             )
-        yield Output(out, metadata=meta)
+        yield stored(lab_storage, "classification_results", None, out, meta)
         yield _integrity_check(lab_storage, "classification_results", None)
 
     return [base_model, base_spectrum, adapter, spectral_features, classification_results]

@@ -14,16 +14,18 @@ build and thread count) gives byte-identical ``model.safetensors``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from lab_assets.ml.tasks import pretraining_corpus
 
@@ -46,7 +48,20 @@ class TinyModelSpec:
     corpus_size: int = 4000
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int, max_seq_len: int) -> PreTrainedTokenizerFast:
+@contextlib.contextmanager
+def torch_cpu_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block, then restore the old count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_tokenizer(
+    corpus: list[str], vocab_size: int, max_seq_len: int
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``corpus``; it prepends ``<s>`` to every encoding."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,14 +112,54 @@ def _lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _pretrain(
+    config: LlamaConfig, blocks: torch.Tensor, spec: TinyModelSpec, log: Callable[[str], None]
+) -> tuple[LlamaForCausalLM, list[float]]:
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params} parameters, {spec.pretrain_steps} pre-training steps")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.learning_rate, weight_decay=0.01, betas=(0.9, 0.95)
+    )
+    # Epoch-wise shuffles of the packed blocks, from a private RNG.
+    order = random.Random(spec.seed)
+    queue: list[int] = []
+    loss_curve: list[float] = []
+    for step in range(spec.pretrain_steps):
+        while len(queue) < spec.pretrain_batch_size:
+            epoch = list(range(blocks.shape[0]))
+            order.shuffle(epoch)
+            queue.extend(epoch)
+        batch = blocks[queue[: spec.pretrain_batch_size]]
+        del queue[: spec.pretrain_batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, spec.pretrain_steps, spec.learning_rate)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        loss_curve.append(float(loss.detach()))
+        if step % 20 == 0 or step == spec.pretrain_steps - 1:
+            log(f"pretrain step {step + 1}/{spec.pretrain_steps} loss {loss_curve[-1]:.4f}")
+    model.eval()
+    return model, loss_curve
+
+
 def build_tiny_model(
     out_dir: str | Path,
     spec: TinyModelSpec,
     log: Callable[[str], None] | None = None,
+    *,
+    cpu_threads: int | None = 1,
 ) -> dict:
     """Train tokenizer + tiny Llama per ``spec`` and save both to ``out_dir`` (HF layout).
 
     Returns ``{"first_loss", "final_loss", "steps", "wall_s", "n_params", "loss_curve"}``.
+    Torch runs on ``cpu_threads`` threads during the build (``None``: leave it
+    alone); a fixed count also keeps the bytes independent of the core count.
     """
     log = log or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -115,7 +170,9 @@ def build_tiny_model(
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {spec.vocab_size}")
     blocks = _pack(corpus, tokenizer, spec.max_seq_len)
-    log(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(corpus)} lines, {blocks.shape[0]} blocks")
+    log(
+        f"tokenizer: {len(tokenizer)} tokens; corpus: {len(corpus)} lines, {blocks.shape[0]} blocks"
+    )
 
     config = LlamaConfig(
         vocab_size=spec.vocab_size,
@@ -131,48 +188,24 @@ def build_tiny_model(
         tie_word_embeddings=False,
     )
 
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
-        model.train()
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: {n_params} parameters, {spec.pretrain_steps} pre-training steps")
+    with contextlib.ExitStack() as stack:
+        if cpu_threads is not None:
+            stack.enter_context(torch_cpu_threads(cpu_threads))
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        stack.callback(torch.use_deterministic_algorithms, was_deterministic)
+        model, loss_curve = _pretrain(config, blocks, spec, log)
+    n_params = sum(p.numel() for p in model.parameters())
 
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=spec.learning_rate, weight_decay=0.01, betas=(0.9, 0.95)
-        )
-        order = random.Random(spec.seed)
-        indices: list[int] = []
-        loss_curve: list[float] = []
-        for step in range(spec.pretrain_steps):
-            if len(indices) < spec.pretrain_batch_size:
-                epoch = list(range(blocks.shape[0]))
-                order.shuffle(epoch)
-                indices.extend(epoch)
-            batch_idx, indices = (
-                indices[: spec.pretrain_batch_size],
-                indices[spec.pretrain_batch_size :],
-            )
-            batch = blocks[batch_idx]
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, spec.pretrain_steps, spec.learning_rate)
-            loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            loss_curve.append(float(loss.detach()))
-            if step % 20 == 0 or step == spec.pretrain_steps - 1:
-                log(f"pretrain step {step + 1}/{spec.pretrain_steps} loss {loss_curve[-1]:.4f}")
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-    model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
     wall_s = time.perf_counter() - t0
     log(f"saved base model to {out_dir} in {wall_s:.1f}s")
     return {

@@ -14,19 +14,25 @@ VM restarts the step from its last checkpoint).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
 from lab_assets.ml.tasks import preference_pairs, sft_examples
+from lab_assets.ml.tiny_model import torch_cpu_threads
 
 METHODS: tuple[str, ...] = ("lora_sft", "dpo")
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -95,10 +101,68 @@ def _latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
+_RUN_FILE = "lab_train_run.json"
+
+
+def _claim_checkpoint_dir(
+    checkpoint_dir: Path, spec: TrainSpec, device: str, precision: str
+) -> tuple[str, str]:
+    """Record which run owns ``checkpoint_dir``; refuse checkpoints of a different run.
+
+    Only ``steps`` may change between attempts (resuming with more steps extends
+    a run). Returns the recorded ``(device, precision)`` of the first attempt.
+    """
+    run = {k: v for k, v in asdict(spec).items() if k != "steps"}
+    run["target_modules"] = list(run["target_modules"])
+    path = checkpoint_dir / _RUN_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded["spec"] != run:
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints of another run ({recorded['spec']}); "
+                f"this run is {run}"
+            )
+        return recorded["device"], recorded["precision"]
+    path.write_text(json.dumps({"spec": run, "device": device, "precision": precision}))
+    return device, precision
+
+
+def _checkpoint_losses(checkpoint: Path) -> tuple[int, list[float]]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(state["global_step"]), _loss_curve(state["log_history"])
+
+
+def _loss_curve(log_history: list[dict]) -> list[float]:
+    losses = {int(e["step"]): float(e["loss"]) for e in log_history if "loss" in e}
+    return [losses[s] for s in sorted(losses)]
+
+
 def _device_and_precision() -> tuple[str, str]:
     if torch.cuda.is_available():
         return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "cpu", "fp32"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No datasets/transformers progress bars, no known-harmless deprecation noise."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # PEFT/TRL still call the v5-deprecated `is_gradient_checkpointing`.
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing.*", category=FutureWarning
+            )
+            yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            hf_logging.enable_progress_bar()
 
 
 def train_adapter(
@@ -109,13 +173,21 @@ def train_adapter(
     checkpoint_dir: str | Path | None = None,
     *,
     checkpoint_every: int = 10,
+    cpu_threads: int | None = 1,
 ) -> TrainResult:
     """Train one LoRA adapter per ``spec`` on the model in ``base_model_dir``; save it to ``out_dir``.
 
-    With ``checkpoint_dir``, a checkpoint is written there every ``checkpoint_every``
-    steps (and at the end), and the run resumes from the newest complete one if
-    any exists. ``out_dir`` ends up holding exactly ``adapter_model.safetensors``
-    and ``adapter_config.json``.
+    ``out_dir`` ends up holding ``adapter_model.safetensors`` and
+    ``adapter_config.json`` (PEFT layout). With ``checkpoint_dir``, a checkpoint
+    is written there every ``checkpoint_every`` steps and at the end, and the run
+    first resumes from the newest complete checkpoint there, if any; the caller
+    owns (and eventually deletes) that directory. Otherwise the trainer's
+    scratch directory is a temporary sibling of ``out_dir``, removed afterwards.
+
+    On CPU, torch runs with ``cpu_threads`` threads during the call (``None``
+    leaves torch's setting alone). One is the default: the tiny model's
+    matrices gain nothing from more, and when other processes share the cores
+    multi-threaded torch runs 10-30x slower.
     """
     # Imported here: TRL/PEFT/datasets are heavy and only this function needs them.
     import datasets
@@ -124,15 +196,15 @@ def train_adapter(
 
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
+    # Fail before loading anything on an unknown task.
+    data = (sft_examples if spec.method == "lora_sft" else preference_pairs)(
+        spec.task, spec.n_examples, spec.seed
+    )
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     device, precision = _device_and_precision()
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
-    )
     peft_config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -143,16 +215,32 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
 
-    scratch = None
+    scratch: str | None = None
+    resume: Path | None = None
     if checkpoint_dir is not None:
         trainer_dir = Path(checkpoint_dir)
         trainer_dir.mkdir(parents=True, exist_ok=True)
+        first_device, first_precision = _claim_checkpoint_dir(trainer_dir, spec, device, precision)
         resume = _latest_checkpoint(trainer_dir)
+        if resume is not None and (first_device, first_precision) != (device, precision):
+            log(f"note: resuming a {first_device}/{first_precision} run on {device}/{precision}")
+        done, curve = _checkpoint_losses(resume) if resume is not None else (0, [])
+        if done > spec.steps:
+            raise ValueError(f"{resume} is past step {spec.steps}: it belongs to a longer run")
+        if done == spec.steps:
+            # Training finished but the adapter was not exported: the Trainer would
+            # run one extra step when resumed here, so export the checkpoint as is.
+            log(f"{resume} is the finished run; exporting it")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in _ADAPTER_FILES:
+                shutil.copyfile(resume / name, out_dir / name)
+            with safe_open(str(out_dir / _ADAPTER_FILES[0]), framework="pt") as f:
+                n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            return _result(spec, curve, done, t0, n_params, first_device, first_precision, log)
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix=".trainer-", dir=out_dir.parent)
+        scratch = tempfile.mkdtemp(prefix=f".{out_dir.name}-trainer-", dir=out_dir.parent)
         trainer_dir = Path(scratch)
-        resume = None
 
     common = dict(
         output_dir=str(trainer_dir),
@@ -166,13 +254,13 @@ def train_adapter(
         disable_tqdm=True,
         seed=spec.seed,
         data_seed=spec.seed,
-        # CPU kernels are already deterministic; on CUDA this turns on
-        # deterministic algorithms and cuBLAS workspace settings.
+        # CPU kernels are deterministic already; on CUDA this also selects
+        # deterministic algorithms and a fixed cuBLAS workspace.
         full_determinism=device == "cuda",
         use_cpu=device == "cpu",
-        bf16=precision == "bf16",  # TRL defaults bf16 to True: make fp32 explicit
-        # TRL turns (deprecated-named) gradient checkpointing on by default; it only
-        # slows small models down.
+        bf16=precision == "bf16",  # TRL's default is bf16=True, even on CPU
+        # TRL turns (deprecated-named) gradient checkpointing on by default; it
+        # only slows small models down.
         activation_checkpointing=False,
         max_length=spec.max_length,
         dataloader_num_workers=0,
@@ -181,35 +269,41 @@ def train_adapter(
         save_total_limit=2,
     )
 
-    progress_bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_progress = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with contextlib.ExitStack() as stack:
+        if scratch is not None:
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        stack.enter_context(_quiet())
+        if device == "cpu" and cpu_threads is not None:
+            stack.enter_context(torch_cpu_threads(cpu_threads))
+
+        tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+        )
+        train_dataset = datasets.Dataset.from_list(data)
+        callbacks = [_LossLogger(log, spec.method)]
         if spec.method == "lora_sft":
-            train_dataset = datasets.Dataset.from_list(
-                sft_examples(spec.task, spec.n_examples, spec.seed)
-            )
             trainer = SFTTrainer(
                 model=model,
                 args=SFTConfig(**common, packing=False, completion_only_loss=True),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
                 peft_config=peft_config,
-                callbacks=[_LossLogger(log, spec.method)],
+                callbacks=callbacks,
             )
         else:
-            train_dataset = datasets.Dataset.from_list(
-                preference_pairs(spec.task, spec.n_examples, spec.seed)
-            )
+            # No ref_model: with a peft_config, DPOTrainer scores the reference
+            # with the adapters disabled, i.e. the base model.
             trainer = DPOTrainer(
                 model=model,
                 args=DPOConfig(**common, beta=spec.dpo_beta),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
                 peft_config=peft_config,
-                callbacks=[_LossLogger(log, spec.method)],
+                callbacks=callbacks,
             )
+        # With disable_tqdm the Trainer prints every log dict to stdout instead.
+        trainer.remove_callback(PrinterCallback)
         if resume is not None:
             log(f"resuming from {resume}")
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -217,29 +311,29 @@ def train_adapter(
         peft_model = trainer.model
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in _ADAPTER_FILES:
-            (out_dir / name).unlink(missing_ok=True)
         peft_model.save_pretrained(out_dir)
-        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card stub
-        # After a resume, log_history holds the steps from before the restart too.
-        losses = {
-            int(e["step"]): float(e["loss"]) for e in trainer.state.log_history if "loss" in e
-        }
-        loss_curve = [losses[s] for s in sorted(losses)]
+        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        # After a resume, log_history also holds the steps from before the restart.
+        loss_curve = _loss_curve(trainer.state.log_history)
         global_step = int(trainer.state.global_step)
-    finally:
-        if progress_bars:
-            datasets.enable_progress_bars()
-        if hf_progress:
-            hf_logging.enable_progress_bar()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    return _result(spec, loss_curve, global_step, t0, trainable, device, precision, log)
 
+
+def _result(
+    spec: TrainSpec,
+    loss_curve: list[float],
+    steps: int,
+    t0: float,
+    trainable: int,
+    device: str,
+    precision: str,
+    log: Callable[[str], None],
+) -> TrainResult:
     wall_s = time.perf_counter() - t0
     result = TrainResult(
         first_loss=loss_curve[0] if loss_curve else float("nan"),
         final_loss=loss_curve[-1] if loss_curve else float("nan"),
-        steps=global_step,
+        steps=steps,
         wall_s=wall_s,
         trainable_params=trainable,
         loss_curve=loss_curve,
