@@ -48,6 +48,9 @@ _UNSUPPORTED_FLAGS: dict[str, str] = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
 }
 
+# Initialisations that rewrite the base weights (PiSSA variants are matched by prefix).
+_BASE_MODIFYING_INITS = {"olora", "corda", "loftq", "lora_ga"}
+
 # Tensor-name fragments of non-LoRA-linear parameters, mapped to the feature's name.
 _UNSUPPORTED_KEYS: dict[str, str] = {
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector tensors)",
@@ -56,6 +59,7 @@ _UNSUPPORTED_KEYS: dict[str, str] = {
     "lora_B.bias": "a bias on lora_B (lora_B.bias tensors)",
     "modules_to_save": "fully trained extra modules (modules_to_save tensors)",
     "trainable_tokens": "trainable tokens (trainable_tokens tensors)",
+    "base_layer": "full base-layer weights stored in the adapter (base_layer tensors)",
 }
 
 
@@ -123,6 +127,18 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
                 f"{path}: {feature} is not supported; only plain LoRA updates "
                 "ΔW = scale · B @ A can be analysed"
             )
+    if config.get("bias", "none") not in ("none", None):
+        raise UnsupportedAdapterError(
+            f"{path}: trained biases (bias={config['bias']!r}) are not supported; only "
+            "plain LoRA updates ΔW = scale · B @ A can be analysed"
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and (init in _BASE_MODIFYING_INITS or init.startswith("pissa")):
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights={init!r} changed the base weights at initialisation, "
+            "so scale · B @ A is not the fine-tuning update; save the adapter with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) to convert it"
+        )
     if config.get("r") is None or config.get("lora_alpha") is None:
         raise ValueError(f"{path}: missing 'r' or 'lora_alpha'")
     return config
@@ -141,7 +157,9 @@ def module_rank_alpha(config: Mapping[str, Any], module_name: str) -> tuple[int,
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(list(rank_pattern), module_name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module_name), config["lora_alpha"])
+    alpha = alpha_pattern.get(
+        get_pattern_key(list(alpha_pattern), module_name), config["lora_alpha"]
+    )
     return int(r), float(alpha)
 
 
@@ -186,13 +204,14 @@ def _index_adapter(
         keys = list(f.keys())
     a_keys: dict[str, str] = {}
     b_keys: dict[str, str] = {}
-    for key in keys:
-        for fragment, feature in _UNSUPPORTED_KEYS.items():
+    for fragment, feature in _UNSUPPORTED_KEYS.items():
+        for key in keys:
             if fragment in key:
                 raise UnsupportedAdapterError(
                     f"{weights}: {feature} is not supported (tensor {key!r}); only plain LoRA "
                     "updates ΔW = scale · B @ A can be analysed"
                 )
+    for key in keys:
         if key.endswith(_A_SUFFIX):
             a_keys[_module_name(key, _A_SUFFIX)] = key
         elif key.endswith(_B_SUFFIX):
@@ -214,7 +233,9 @@ def _index_adapter(
 def _to_float64(tensor: Any) -> np.ndarray:
     import torch
 
-    return tensor.to(torch.float64).numpy()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; the upcast is exact
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy().astype(np.float64)
 
 
 def iter_lora_modules(adapter_dir: str | Path) -> Iterator[LoraModule]:

@@ -23,7 +23,6 @@ Statistics worth knowing when reading a report:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,15 @@ import pandas as pd
 
 N_TOP_SINGULAR = 4
 MAX_SELECTED_FEATURES = 32
-_SCALAR_FEATURES = {
-    "stable_rank": "stable_rank",
-    "effective_rank": "effective_rank",
-    "subspace_overlap": "subspace_overlap",
-    "subspace_overlap_right": "subspace_overlap_right",
-    "intruder_dims": "intruder_dims",
-    "intruder_dims_right": "intruder_dims_right",
-    "top_sv_shift": "top_sv_shift",
-}
+_SCALAR_FEATURES = (
+    "stable_rank",
+    "effective_rank",
+    "subspace_overlap",
+    "subspace_overlap_right",
+    "intruder_dims",
+    "intruder_dims_right",
+    "top_sv_shift",
+)
 
 
 def _module_type_and_layer(name: str) -> tuple[str, str | None]:
@@ -64,8 +63,8 @@ def _module_row_features(row: pd.Series) -> dict[str, float]:
         feats[f"sv{i + 1}_norm"] = svs[i] / fro if i < svs.size and fro > 0 else math.nan
     feats["log_fro_norm"] = _log10(row.get("fro_norm", fro))
     feats["log_spectral_norm"] = _log10(row.get("spectral_norm", svs[0] if svs.size else None))
-    for col, name in _SCALAR_FEATURES.items():
-        value = row.get(col)
+    for name in _SCALAR_FEATURES:
+        value = row.get(name)
         feats[name] = float(value) if value is not None and pd.notna(value) else math.nan
     return feats
 
@@ -134,26 +133,149 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
 
 def _preprocess(X: pd.DataFrame) -> pd.DataFrame:
-    X = X.astype(np.float64).dropna(axis=1, how="all")
-    X = X.fillna(X.median())
-    X = X.loc[:, X.std(ddof=0) > 0]
-    return (X - X.mean()) / X.std(ddof=0)
+    """Label-free: median-impute, drop all-missing and constant columns, standardise."""
+    values = X.to_numpy(dtype=np.float64, copy=True)
+    keep = ~np.all(np.isnan(values), axis=0)
+    values = values[:, keep]
+    medians = np.nanmedian(values, axis=0)
+    missing = np.isnan(values)
+    values[missing] = np.take(medians, np.nonzero(missing)[1])
+    std = values.std(axis=0)
+    informative = std > 1e-12 * np.maximum(1.0, np.abs(values).max(axis=0))
+    values = (values[:, informative] - values[:, informative].mean(axis=0)) / std[informative]
+    return pd.DataFrame(values, index=X.index, columns=X.columns[keep][informative])
+
+
+def _f_scores(X: np.ndarray, y_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """ANOVA F statistic per column (as ``sklearn.feature_selection.f_classif``), NaN → 0."""
+    n = X.shape[0]
+    onehot = np.eye(n_classes)[y_idx]
+    counts = onehot.sum(axis=0)
+    sums = onehot.T @ X
+    present = counts > 0
+    means = sums[present] / counts[present, None]
+    grand = X.mean(axis=0)
+    between = (counts[present, None] * (means - grand) ** 2).sum(axis=0)
+    within = ((X - (sums / np.maximum(counts, 1)[:, None])[y_idx]) ** 2).sum(axis=0)
+    k = int(present.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (between / max(k - 1, 1)) / (within / max(n - k, 1))
+    return np.nan_to_num(f, nan=0.0, posinf=np.finfo(np.float64).max)
+
+
+class SelectKLogisticRegression:
+    """Top-k ANOVA-F feature selection, then multinomial L2 logistic regression.
+
+    Same objective as ``sklearn.linear_model.LogisticRegression`` for three or
+    more classes (``C · Σ log-loss + ½‖W‖²``, intercept unpenalised; two classes
+    use the same two-logit softmax), solved by Newton's method in numpy. It
+    exists because ``permutation_test_score`` refits the model
+    ``n_permutations × n_folds`` times (1000 by default) and sklearn's per-fit
+    overhead made that take tens of seconds on two cores; this fit takes a few
+    milliseconds. Implements the small part of the sklearn estimator API that
+    ``cross_val_predict`` and ``permutation_test_score`` use.
+    """
+
+    def __init__(self, k: int = MAX_SELECTED_FEATURES, C: float = 0.1, max_iter: int = 100):
+        self.k = k
+        self.C = C
+        self.max_iter = max_iter
+
+    # -- sklearn estimator protocol
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {"k": self.k, "C": self.C, "max_iter": self.max_iter}
+
+    def set_params(self, **params: Any) -> SelectKLogisticRegression:
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+        )
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> SelectKLogisticRegression:
+        X = np.asarray(X, dtype=np.float64)
+        self.classes_, y_idx = np.unique(np.asarray(y), return_inverse=True)
+        n_classes = len(self.classes_)
+        scores = _f_scores(X, y_idx, n_classes)
+        self.support_ = np.sort(np.argsort(-scores, kind="stable")[: min(self.k, X.shape[1])])
+        Xs = np.hstack([X[:, self.support_], np.ones((X.shape[0], 1))])
+        n, d = Xs.shape
+        Y = np.eye(n_classes)[y_idx]
+        reg = np.ones(d)
+        reg[-1] = 0.0  # intercept unpenalised
+        theta = np.zeros((d, n_classes))
+
+        def objective(t: np.ndarray) -> float:
+            z = Xs @ t
+            zmax = z.max(axis=1, keepdims=True)
+            lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+            return float(
+                self.C * np.sum(lse - (z * Y).sum(axis=1)) + 0.5 * np.sum(reg[:, None] * t**2)
+            )
+
+        f = objective(theta)
+        for _ in range(self.max_iter):
+            z = Xs @ theta
+            P = np.exp(z - z.max(axis=1, keepdims=True))
+            P /= P.sum(axis=1, keepdims=True)
+            grad = self.C * Xs.T @ (P - Y) + reg[:, None] * theta
+            if np.abs(grad).max() < 1e-9:
+                break
+            # Hessian of the softmax log-loss, ordered (feature, class)
+            D = P[:, :, None] * (np.eye(n_classes)[None] - P[:, None, :])
+            XD = (Xs[:, :, None, None] * D[:, None, :, :]).reshape(n, -1)  # (i, l·k·m)
+            H = (Xs.T @ XD).reshape(d, d, n_classes, n_classes).transpose(0, 2, 1, 3)
+            H = self.C * H.reshape(d * n_classes, d * n_classes)
+            H += np.diag(np.repeat(reg, n_classes)) + 1e-10 * np.eye(d * n_classes)
+            step = np.linalg.solve(H, grad.reshape(-1)).reshape(d, n_classes)
+            t, decrease = 1.0, float(np.sum(grad * step))
+            while t > 1e-8:  # backtracking (Armijo)
+                candidate = theta - t * step
+                f_new = objective(candidate)
+                if f_new <= f - 1e-4 * t * decrease:
+                    break
+                t *= 0.5
+            else:
+                break  # no descent left: at the optimum to rounding
+            theta, f = candidate, f_new
+        self.coef_ = theta[:-1].T  # n_classes × k
+        self.intercept_ = theta[-1]
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return X[:, self.support_] @ self.coef_.T + self.intercept_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(self.predict(X) == np.asarray(y)))
 
 
 def _make_model(kind: str, n_features: int, seed: int) -> Any:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.feature_selection import SelectKBest, f_classif
-    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
-    select = SelectKBest(f_classif, k=min(MAX_SELECTED_FEATURES, n_features))
+    k = min(MAX_SELECTED_FEATURES, n_features)
     if kind == "logistic_regression":
-        clf: Any = LogisticRegression(C=0.1, max_iter=1000)
-    elif kind == "random_forest":
-        clf = RandomForestClassifier(n_estimators=100, random_state=seed)
-    else:
-        raise ValueError(f"unknown model {kind!r}")
-    return Pipeline([("select", select), ("clf", clf)])
+        return SelectKLogisticRegression(k=k, C=0.1)
+    if kind == "random_forest":
+        return Pipeline(
+            [
+                ("select", SelectKBest(f_classif, k=k)),
+                ("clf", RandomForestClassifier(n_estimators=100, random_state=seed)),
+            ]
+        )
+    raise ValueError(f"unknown model {kind!r}")
 
 
 def classify(
@@ -228,7 +350,7 @@ def classify(
             cv=cv,
             n_permutations=n_permutations,
             random_state=seed,
-            scoring="accuracy",
+            scoring=None,  # the estimator's own accuracy: cheaper than a scorer
         )
         final = _make_model(best, Xa.shape[1], seed).fit(Xa, ya)
 
@@ -237,14 +359,13 @@ def classify(
     chance = float(pd.Series(ya).value_counts(normalize=True).max())
     cm = confusion_matrix(ya, preds[best], labels=labels)
 
-    support = final.named_steps["select"].get_support()
-    names = np.asarray(Xp.columns)[support]
-    clf = final.named_steps["clf"]
     if best == "logistic_regression":
-        importance = np.abs(clf.coef_).mean(axis=0)
+        names = np.asarray(Xp.columns)[final.support_]
+        importance = np.abs(final.coef_).mean(axis=0)
         method = "mean |coef| of the standardised logistic regression (all data)"
     else:
-        importance = clf.feature_importances_
+        names = np.asarray(Xp.columns)[final.named_steps["select"].get_support()]
+        importance = final.named_steps["clf"].feature_importances_
         method = "random-forest impurity importance (all data)"
     order = np.argsort(importance)[::-1][:10]
     top = [(str(names[i]), float(importance[i])) for i in order]
@@ -314,7 +435,11 @@ def plot_report(reports: dict[str, ClassificationReport], path: str | Path) -> N
         threshold = cm.max() / 2 if cm.size else 0
         for (i, j), count in np.ndenumerate(cm):
             ax.text(
-                j, i, str(count), ha="center", va="center",
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
                 color="white" if count > threshold else "black",
             )
         ax.set_title(_title(name, r), fontsize=9)
