@@ -36,6 +36,7 @@ from lab_assets.config import Experiment, TinySource
 from lab_assets.metadata import line_plot_png, markdown_table, png_markdown
 from lab_assets.partitions import LabPartitions, split_adapter_key
 from lab_assets.scratch import output_dir
+from lab_assets.sweep import GPU_POOL
 from lab_assets.versions import CODE_VERSIONS, recipe, ref, upstream
 from resources.io_manager import LabStorage
 from resources.model_cache import ModelCache
@@ -74,7 +75,9 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             inputs[ref(a, q)] = m.metadata.get("fingerprint", "unrecorded") if m else "missing"
         r = recipe(exp, asset_name, partition, inputs)
         meta = {**meta, "lab/fingerprint": r.fingerprint, "lab/recipe": r.to_dict()}
-        return Output(out, metadata=meta, data_version=DataVersion(r.fingerprint))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BetaWarning)  # data_version= is beta in 1.13
+            return Output(out, metadata=meta, data_version=DataVersion(r.fingerprint))
 
     with warnings.catch_warnings():
         # Beta in 1.13, and the documented way to map model × run onto model.
@@ -161,6 +164,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         check_specs=_check("adapter"),
         ins={"base_model": AssetIn(partition_mapping=by_model)},
         required_resource_keys={"step_launcher", "lab_storage"},
+        pool=GPU_POOL,
         kinds={"pytorch"},
         description="One LoRA training run (lora_sft or dpo) in PEFT layout.",
     )

@@ -2,6 +2,8 @@
 
 - `lab materialize [--experiment FILE]`: every partition of an experiment, through
   Dagster, with a progress bar; the README's main command.
+- `lab sweep [--experiment FILE] [--dry-run]`: exactly the missing or stale partitions.
+- `lab reconcile [--experiment FILE]`: record what storage holds in this Dagster instance.
 - `lab validate [--experiment FILE]`: check an experiment file and list its partitions.
 - `lab spectrum ADAPTER_DIR [--base MODEL_DIR] --out FILE.parquet`: spectral features
   of any PEFT LoRA adapter.
@@ -77,6 +79,65 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    exp = load_experiment(args.experiment)
+    home = ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from lab_assets.runner import RunFailed, run_planned, use_experiment
+    from lab_assets.schedules import set_gpu_pool_limit
+    from lab_assets.sweep import assess, plan_sweep, reconcile
+    from resources.storage import open_store
+
+    use_experiment(exp)
+    store = open_store(exp.storage_root, exp.name)
+    with DagsterInstance.get() as instance:
+        if not args.no_reconcile:
+            recorded = reconcile(exp, instance, store)
+            if recorded:
+                print(f"reconciled {len(recorded)} partitions from storage into {home}")
+        plan = plan_sweep(exp, assess(exp, instance, store))
+        if not plan:
+            print(f"experiment {exp.name}: nothing missing or stale; no runs launched")
+            return 0
+        print(f"experiment {exp.name}: {len(plan)} runs to launch")
+        for p in plan:
+            print(f"  {p.label}\n      why: {p.reason}")
+        if args.dry_run:
+            return 0
+        set_gpu_pool_limit(instance, exp)
+        with tqdm(total=len(plan), unit="run") as bar:
+            for p in plan:
+                try:
+                    outcome = run_planned(instance, p)
+                except RunFailed as e:
+                    bar.close()
+                    print(f"\nFAILED: {e}", file=sys.stderr)
+                    return 1
+                bar.set_postfix_str(f"{p.label} {outcome.seconds:.1f}s")
+                bar.update(1)
+    _print_classification(exp)
+    return 0
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment)
+    home = ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from lab_assets.sweep import reconcile
+    from resources.storage import open_store
+
+    with DagsterInstance.get() as instance:
+        recorded = reconcile(exp, instance, open_store(exp.storage_root, exp.name))
+    print(f"recorded {len(recorded)} partitions from {exp.storage_root} into {home}")
+    for r in recorded:
+        print(f"  {r}")
+    return 0
+
+
 def _print_classification(exp) -> None:
     from resources.storage import open_store
 
@@ -102,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (
         ("materialize", _cmd_materialize, "materialise every partition of an experiment"),
+        ("sweep", _cmd_sweep, "materialise exactly the missing or stale partitions"),
+        ("reconcile", _cmd_reconcile, "record partitions storage holds in this Dagster instance"),
         ("validate", _cmd_validate, "validate an experiment file and list its partitions"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT or tiny)")
+        if name == "sweep":
+            p.add_argument("--dry-run", action="store_true", help="say what would run, and why")
+            p.add_argument(
+                "--no-reconcile", action="store_true", help="skip recording storage's partitions"
+            )
         p.set_defaults(fn=fn)
     sub.add_parser("spectrum", help="spectral features of a PEFT LoRA adapter (see --help)")
     args = parser.parse_args(argv)

@@ -204,6 +204,23 @@ class GceCompute(_Strict):
         return v
 
 
+class SweepSpec(_Strict):
+    """Scheduled sweeps of missing/stale partitions, and how many GPU steps may run at once."""
+
+    cron: str | None = None
+    timezone: str = "UTC"
+    max_gpu_in_flight: int = Field(1, ge=1, le=1000)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if v is not None and not is_valid_cron_string(v):
+            raise ValueError(f"{v!r} is not a valid cron schedule")
+        return v
+
+
 class BudgetSpec(_Strict):
     max_usd: float = Field(0.0, ge=0)
 
@@ -224,6 +241,7 @@ class ExperimentFile(_Strict):
         kind="local"
     )
     budget: BudgetSpec = BudgetSpec()
+    sweep: SweepSpec = SweepSpec()
 
     @model_validator(mode="after")
     def _unique_models(self) -> ExperimentFile:

@@ -17,6 +17,7 @@ from dagster import (
 from lab_assets.assets import build_assets
 from lab_assets.config import Experiment, GceCompute, load_experiment
 from lab_assets.partitions import build_partitions
+from lab_assets.schedules import build_reconcile_sensor, build_sweep_job, build_sweep_schedule
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.model_cache import ModelCache
 from resources.step_launchers.local import LocalStepLauncher
@@ -42,13 +43,11 @@ def build_definitions(exp: Experiment) -> Definitions:
         define_asset_job(
             BASE_MODELS_JOB,
             AssetSelection.assets("base_model", "base_spectrum"),
-            partitions_def=parts.models,
             description="Build or fetch one base model and its spectrum.",
         ),
         define_asset_job(
             ADAPTERS_JOB,
             AssetSelection.assets("adapter", "spectral_features"),
-            partitions_def=parts.adapters,
             description="Train one adapter and measure its spectral features.",
         ),
         define_asset_job(
@@ -56,10 +55,14 @@ def build_definitions(exp: Experiment) -> Definitions:
             AssetSelection.assets("classification_results"),
             description="Classify method and task from every adapter's features.",
         ),
+        build_sweep_job(exp),
     ]
+    schedule = build_sweep_schedule(exp, storage)
     return Definitions(
         assets=assets,
         jobs=jobs,
+        schedules=[schedule] if schedule else [],
+        sensors=[build_reconcile_sensor(exp, storage)],
         resources={
             "lab_storage": storage,
             "io_manager": ArtifactIOManager(storage=storage),

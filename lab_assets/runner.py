@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, execute_job
+from dagster import AssetKey, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from lab_assets.config import EXPERIMENT_ENV, REPO_ROOT, Experiment
 from lab_assets.partitions import adapter_key
 
 DEFINITIONS_MODULE = "lab_assets.definitions"
+REASON_TAG = "lab/reason"
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -29,6 +30,8 @@ class PlannedRun:
     job: str
     partition: str | None
     label: str
+    assets: tuple[str, ...] | None = None  # a subset of the job's assets; None: all of them
+    reason: str = ""  # why the run was planned (a sweep says missing / what changed)
 
 
 @dataclass
@@ -96,15 +99,19 @@ def run_planned(
     recon_repo = recon_repository()
     repo_def = recon_repo.get_definition()
     job_def = repo_def.get_job(planned.job)
-    tags = (
-        job_def.get_tags_for_partition_key(planned.partition, selected_asset_keys=None)
+    selection = [AssetKey(a) for a in planned.assets] if planned.assets else None
+    tags = dict(
+        job_def.get_tags_for_partition_key(planned.partition, selected_asset_keys=selection)
         if planned.partition
         else {}
     )
+    if planned.reason:
+        tags[REASON_TAG] = planned.reason[:4000]
     t0 = time.perf_counter()
     result = execute_job(
         recon_repo.get_reconstructable_job(planned.job),
         instance=instance,
+        asset_selection=selection,
         tags=tags,
         run_config=run_config if run_config is not None else QUIET_RUN_CONFIG,
         raise_on_error=False,

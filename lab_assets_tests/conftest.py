@@ -1,5 +1,6 @@
 """Shared fixtures: a temporary Dagster instance, storage root and scratch root per test."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,44 @@ def lab_env(tmp_path, monkeypatch):
 def instance(lab_env):
     with DagsterInstance.local_temp(str(lab_env["home"])) as inst:
         yield inst
+
+
+@pytest.fixture(scope="session")
+def small_lab(tmp_path_factory):
+    """The small experiment materialised once, through Dagster, for every test that reads it.
+
+    Tests that change things copy it first (`copy_lab`)."""
+    from lab_assets.config import load_experiment
+    from lab_assets.runner import materialize_experiment
+
+    root = tmp_path_factory.mktemp("small_lab")
+    env = {
+        "LAB_STORAGE_ROOT": str(root / "storage"),
+        "LAB_SCRATCH_ROOT": str(root / "scratch"),
+        "DAGSTER_HOME": str(root / "home"),
+        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
+    }
+    with patched_env(env):
+        for k in ("LAB_SCRATCH_ROOT", "DAGSTER_HOME"):
+            os.makedirs(env[k])
+        exp = load_experiment()
+        with DagsterInstance.get() as instance:
+            summary = materialize_experiment(exp, instance)
+    return {"exp": exp, "summary": summary, "root": root, "env": env}
+
+
+@contextlib.contextmanager
+def patched_env(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scratch_leftovers(root: Path) -> list[str]:

@@ -16,45 +16,21 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, EventRecordsFilter
 from safetensors.numpy import load_file
 
-from lab_assets.config import load_experiment
-from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR
+from lab_assets_tests.conftest import TESTS_DIR, patched_env
 from resources.storage import LocalArtifactStore
 
 MODEL = "tiny-test"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab")
-    env = {
-        "LAB_STORAGE_ROOT": str(root / "storage"),
-        "LAB_SCRATCH_ROOT": str(root / "scratch"),
-        "DAGSTER_HOME": str(root / "home"),
-        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for k in ("LAB_SCRATCH_ROOT", "DAGSTER_HOME"):
-        os.makedirs(env[k])
-    try:
-        from lab_assets.runner import materialize_experiment
-
-        exp = load_experiment()
-        with DagsterInstance.get() as instance:
-            summary = materialize_experiment(exp, instance)
-            yield {
-                "exp": exp,
-                "instance": instance,
-                "summary": summary,
-                "root": root,
-                "store": LocalArtifactStore(env["LAB_STORAGE_ROOT"], exp.name),
-            }
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def lab(small_lab):
+    with patched_env(small_lab["env"]), DagsterInstance.get() as instance:
+        exp = small_lab["exp"]
+        yield {
+            **small_lab,
+            "instance": instance,
+            "store": LocalArtifactStore(small_lab["env"]["LAB_STORAGE_ROOT"], exp.name),
+        }
 
 
 def materializations(instance, asset):
