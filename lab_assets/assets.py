@@ -127,6 +127,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                     "revision": spec.source.revision,
                     "cache_tier": fetched.tier,
                     "fetch_seconds": round(fetched.seconds, 3),
+                    "cache_tiers_skipped": "; ".join(fetched.skipped) or "none",
                 }
         yield stored(lab_storage, "base_model", model_id, out, meta)
         yield _integrity_check(lab_storage, "base_model", model_id)

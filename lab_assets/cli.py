@@ -5,6 +5,7 @@
 - `lab sweep [--experiment FILE] [--dry-run]`: exactly the missing or stale partitions.
 - `lab reconcile [--experiment FILE]`: record what storage holds in this Dagster instance.
 - `lab validate [--experiment FILE]`: check an experiment file and list its partitions.
+- `lab fetch [--experiment FILE] [--dest DIR] [--include adapters]`: sync results locally.
 - `lab spectrum ADAPTER_DIR [--base MODEL_DIR] --out FILE.parquet`: spectral features
   of any PEFT LoRA adapter.
 """
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         from lab_assets.cli_spectrum import spectrum_main
 
         return spectrum_main(argv[1:])
+    if argv and argv[0] == "fetch":
+        from lab_assets.cli_fetch import fetch_main
+
+        return fetch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         p.set_defaults(fn=fn)
     sub.add_parser("spectrum", help="spectral features of a PEFT LoRA adapter (see --help)")
+    sub.add_parser("fetch", help="copy an experiment's results to a local directory (see --help)")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -28,6 +28,11 @@ ADAPTERS_JOB = "adapters_job"
 CLASSIFICATION_JOB = "classification_job"
 
 
+def model_cache_uri(exp: Experiment) -> str | None:
+    """A gs:// lab shares one GCS model cache per storage root, beside the experiments."""
+    return f"{exp.storage_root}/_model-cache" if exp.storage_root.startswith("gs://") else None
+
+
 def build_definitions(exp: Experiment) -> Definitions:
     parts = build_partitions(exp)
     assets = build_assets(exp, parts)
@@ -67,7 +72,7 @@ def build_definitions(exp: Experiment) -> Definitions:
             "lab_storage": storage,
             "io_manager": ArtifactIOManager(storage=storage),
             "step_launcher": launcher,
-            "model_cache": ModelCache(),
+            "model_cache": ModelCache(gcs_uri=model_cache_uri(exp)),
         },
         executor=in_process_executor,
     )

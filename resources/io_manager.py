@@ -15,6 +15,7 @@ from typing import Any
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 from pydantic import PrivateAttr
 
+from resources.gce import launch_info
 from resources.storage import ArtifactStore, open_store
 
 # Output metadata under this prefix is also written into the partition's manifest.
@@ -74,6 +75,8 @@ class ArtifactIOManager(ConfigurableIOManager):
                 "storage_uri": store.uri(_asset_name(context), partition),
                 "files": len(manifest.files),
                 "bytes": manifest.total_bytes,
+                # On a GCE VM: zone, machine/GPU, spot, VM seconds and cost so far.
+                **launch_info.output_metadata(),
             }
         )
 
