@@ -309,6 +309,10 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                 if k in res:
                     v = res[k]
                     meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
+            meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}"
+            meta[f"{target}_top_features"] = markdown_table(
+                ["feature", "importance"], res["top_features"][:10]
+            )
             meta[f"{target}_confusion"] = markdown_table(
                 ["true \\ pred", *res["labels"]],
                 [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],

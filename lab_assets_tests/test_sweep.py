@@ -238,3 +238,22 @@ def test_schedule_and_reconcile_sensor_evaluate(lab_copy, tmp_path):
             str,
         )
     assert not instance.get_runs(RunsFilter(job_name="sweep_job"))  # evaluation launches nothing
+
+
+def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
+    from lab_assets.schedules import set_gpu_pool_limit
+
+    exp = edited_experiment(
+        tmp_path,
+        "classification: {n_permutations: 10}",
+        "classification: {n_permutations: 10}\nsweep: {max_gpu_in_flight: 3}",
+    )
+    (tmp_path / "home").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        set_gpu_pool_limit(instance, exp)
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
+    from lab_assets.assets import build_assets
+    from lab_assets.partitions import build_partitions
+
+    adapter = next(a for a in build_assets(exp, build_partitions(exp)) if a.key.path == ["adapter"])
+    assert adapter.op.pool == "gpu"
