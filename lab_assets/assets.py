@@ -174,21 +174,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
 
         model_id, run_id = split_adapter_key(context.partition_key)
         run = exp.run(run_id)
-        h = run.hyper
-        spec = TrainSpec(
-            method=run.method,
-            task=run.task,
-            seed=run.seed,
-            rank=h.rank,
-            alpha=h.alpha,
-            target_modules=tuple(h.target_modules),
-            steps=h.steps,
-            learning_rate=h.learning_rate,
-            batch_size=h.batch_size,
-            use_rslora=h.use_rslora,
-            n_examples=h.n_examples,
-            dpo_beta=h.dpo_beta,
-        )
+        spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
         context.log.info(f"training {run_id} on {model_id}: {spec}")
         with output_dir("adapter") as out:
             result = train_adapter(base_model, out, spec, log=context.log.info)

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, T
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
+from lab_assets.ml import LLAMA_TARGET_MODULES
 from lab_assets.ml.tasks import preference_pairs, sft_examples
 from lab_assets.ml.tiny_model import torch_cpu_threads
 
@@ -45,15 +46,7 @@ class TrainSpec:
     seed: int
     rank: int = 8
     alpha: int = 16
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    target_modules: tuple[str, ...] = LLAMA_TARGET_MODULES
     steps: int = 30
     learning_rate: float = 1e-3
     batch_size: int = 8
