@@ -191,7 +191,6 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             "device": result.device,
             "precision": result.precision,
             "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
-            "loss_values": MetadataValue.json(curve),
         }
         yield stored(context.resources.lab_storage, "adapter", context.partition_key, out, meta)
         yield _integrity_check(context.resources.lab_storage, "adapter", context.partition_key)
