@@ -35,6 +35,7 @@ from dagster import (
 from lab_assets.config import Experiment, TinySource
 from lab_assets.metadata import line_plot_png, markdown_table, png_markdown
 from lab_assets.partitions import LabPartitions, split_adapter_key
+from lab_assets.preemptible import preemptible_training
 from lab_assets.scratch import output_dir
 from lab_assets.sweep import GPU_POOL
 from lab_assets.versions import CODE_VERSIONS, recipe, ref, upstream
@@ -177,7 +178,9 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
         context.log.info(f"training {run_id} on {model_id}: {spec}")
         with output_dir("adapter") as out:
-            result = train_adapter(base_model, out, spec, log=context.log.info)
+            result = train_adapter(
+                base_model, out, spec, log=context.log.info, **preemptible_training()
+            )
         curve = [float(x) for x in result.loss_curve]
         meta = {
             "method": run.method,

@@ -8,6 +8,9 @@
 - `lab fetch [--experiment FILE] [--dest DIR] [--include adapters]`: sync results locally.
 - `lab spectrum ADAPTER_DIR [--base MODEL_DIR] --out FILE.parquet`: spectral features
   of any PEFT LoRA adapter.
+- `lab launch|vms|image ...`: one partition on a GCE VM (`--dry-run` prints the VM
+  body), the experiment's VMs (`list`, `reap`), the VM image (`build`, `teardown`,
+  `import`); see lab_assets/cli_gce.py.
 """
 
 from __future__ import annotations
@@ -164,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         from lab_assets.cli_fetch import fetch_main
 
         return fetch_main(argv[1:])
+    if argv and argv[0] in ("launch", "vms", "image"):
+        from lab_assets.cli_gce import gce_main
+
+        return gce_main(argv)
     parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
     sub.add_parser("spectrum", help="spectral features of a PEFT LoRA adapter (see --help)")
     sub.add_parser("fetch", help="copy an experiment's results to a local directory (see --help)")
+    sub.add_parser("launch", help="one partition on a GCE VM; --dry-run prints the VM body")
+    sub.add_parser("vms", help="list or reap the experiment's GCE VMs (list|reap)")
+    sub.add_parser("image", help="the GCE VM image (build|teardown|import)")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lab_assets.ml import LLAMA_TARGET_MODULES
 from lab_assets.ml.tasks import TASKS
+from resources.gce.body import DLVM_FAMILY, DLVM_PROJECT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO_ROOT / "experiments" / "tiny.yaml"
@@ -186,7 +187,21 @@ class GceCompute(_Strict):
     max_run_duration_s: int = Field(4 * 3600, ge=60)
     max_preemptions: int = Field(3, ge=0)
     service_account: str | None = None
+    # Price per hour, keyed by machine type and by GPU type (per GPU); "<name>:spot"
+    # keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
     hourly_usd: dict[str, float] = Field(default_factory=dict)
+    # Where each GPU can be had: {gpu_type: {zone: [machine types]}}, in preference
+    # order; zone failover walks it (within `zones`).
+    gpu_zones: dict[str, dict[str, tuple[str, ...]]] = Field(default_factory=dict)
+    # Leave the VM running after the step (to ssh in); the reaper deletes it after
+    # keep_vm_hours, maxRunDuration in any case.
+    keep_vm: bool = False
+    keep_vm_hours: float = Field(2.0, gt=0)
+    # The reaper deletes lab VMs older than this (default: max_run_duration_s + 10 min).
+    reap_after_s: int | None = Field(None, ge=60)
+    # A Deep Learning VM image family used when `image_family` has no image yet.
+    fallback_image_family: str = Field(DLVM_FAMILY, pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    fallback_image_project: str = DLVM_PROJECT
 
     @field_validator("zones")
     @classmethod
@@ -195,6 +210,32 @@ class GceCompute(_Strict):
             if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", z):
                 raise ValueError(f"{z!r} is not a zone name like 'us-central1-a'")
         return v
+
+    @field_validator("gpu_zones")
+    @classmethod
+    def _gpu_zones(
+        cls, v: dict[str, dict[str, tuple[str, ...]]]
+    ) -> dict[str, dict[str, tuple[str, ...]]]:
+        for gpu, by_zone in v.items():
+            for z, types in by_zone.items():
+                if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", z):
+                    raise ValueError(f"{gpu}: {z!r} is not a zone name like 'us-central1-a'")
+                if not types:
+                    raise ValueError(f"{gpu}.{z}: list at least one machine type")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_reachable(self) -> GceCompute:
+        registry = self.gpu_zones.get(self.gpu_type)
+        if registry is not None and not set(registry) & set(self.zones):
+            raise ValueError(
+                f"gpu_zones.{self.gpu_type} lists no zone of `zones` {list(self.zones)}"
+            )
+        return self
+
+    @property
+    def reap_after(self) -> int:
+        return self.reap_after_s or self.max_run_duration_s + 600
 
 
 class SweepSpec(_Strict):

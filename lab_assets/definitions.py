@@ -15,13 +15,14 @@ from dagster import (
 )
 
 from lab_assets.assets import build_assets
+from lab_assets.compute import gce_launcher_resource
 from lab_assets.config import Experiment, GceCompute, load_experiment
 from lab_assets.partitions import build_partitions
 from lab_assets.schedules import build_reconcile_sensor, build_sweep_job, build_sweep_schedule
+from lab_assets.sensors import build_vm_reaper_sensor
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.model_cache import ModelCache
 from resources.step_launchers.local import LocalStepLauncher
-from resources.step_launchers.unavailable import UnavailableStepLauncher
 
 BASE_MODELS_JOB = "base_models_job"
 ADAPTERS_JOB = "adapters_job"
@@ -37,11 +38,11 @@ def build_definitions(exp: Experiment) -> Definitions:
     parts = build_partitions(exp)
     assets = build_assets(exp, parts)
     storage = LabStorage(root=exp.storage_root, experiment=exp.name)
+    sensors = []
     if isinstance(exp.file.compute, GceCompute):
-        launcher = UnavailableStepLauncher(
-            reason=f"{exp.path}: compute.kind 'gce' needs the GCE step launcher, "
-            "which this version of the lab does not ship yet; use compute.kind 'local'"
-        )
+        # Each adapter partition on its own disposable VM; a sensor reaps forgotten VMs.
+        launcher = gce_launcher_resource(exp)
+        sensors.append(build_vm_reaper_sensor(exp))
     else:
         launcher = LocalStepLauncher()
     jobs = [
@@ -67,7 +68,7 @@ def build_definitions(exp: Experiment) -> Definitions:
         assets=assets,
         jobs=jobs,
         schedules=[schedule] if schedule else [],
-        sensors=[build_reconcile_sensor(exp, storage)],
+        sensors=[build_reconcile_sensor(exp, storage), *sensors],
         resources={
             "lab_storage": storage,
             "io_manager": ArtifactIOManager(storage=storage),

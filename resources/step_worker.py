@@ -21,9 +21,14 @@ from dagster._core.execution.plan.external_step import (
 )
 from dagster._serdes import serialize_value
 
+from resources.gce import preemption
+
 
 def run_step(step_run_ref_path: str | Path, events_path: str | Path) -> None:
     """Execute the referenced step; every event is appended to `events_path` as it happens."""
+    # On a spot VM (the GCE agent sets LAB_PREEMPTIBLE=1) SIGTERM becomes a flag that
+    # training code checks to checkpoint and stop (resources/gce/preemption.py).
+    preemption.install_if_preemptible()
     with open(step_run_ref_path, "rb") as f:
         step_run_ref = pickle.load(f)
     with open(events_path, "a", encoding="utf-8") as out:

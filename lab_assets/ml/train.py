@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,6 +167,7 @@ def train_adapter(
     *,
     checkpoint_every: int = 10,
     cpu_threads: int | None = 1,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train one LoRA adapter per ``spec`` on the model in ``base_model_dir``; save it to ``out_dir``.
 
@@ -181,6 +182,9 @@ def train_adapter(
     leaves torch's setting alone). One is the default: the tiny model's
     matrices gain nothing from more, and when other processes share the cores
     multi-threaded torch runs 10-30x slower.
+
+    ``extra_callbacks`` are added to the Trainer's (e.g. the GCE launcher's
+    checkpoint-on-preemption callback).
     """
     # Imported here: TRL/PEFT/datasets are heavy and only this function needs them.
     import datasets
@@ -274,7 +278,7 @@ def train_adapter(
             base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
         )
         train_dataset = datasets.Dataset.from_list(data)
-        callbacks = [_LossLogger(log, spec.method)]
+        callbacks = [_LossLogger(log, spec.method), *extra_callbacks]
         if spec.method == "lora_sft":
             trainer = SFTTrainer(
                 model=model,

@@ -44,7 +44,7 @@ def as_metadata(info: dict[str, Any], *, vm_seconds: float, cost_usd: float | No
         f"{PREFIX}hourly_usd": info.get("hourly_usd"),
     }
     if cost_usd is not None:
-        out[f"{PREFIX}cost_usd"] = round(cost_usd, 4)
+        out[f"{PREFIX}cost_usd"] = round(cost_usd, 6)
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -1,0 +1,269 @@
+"""The VM body, placement and prices, without booting anything: fast, no emulators.
+
+Shows `lab launch --dry-run` prints the exact insert body (camelCase) without
+touching Compute Engine or GCS; the dead-man switch fields; spot vs on-demand
+scheduling; values full of shell metacharacters staying inert when the generated
+startup script really runs under bash; label sanitising; the zone / machine-type
+candidates and their overrides; prices and the budget refusal's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+
+from lab_assets.cli_gce import gce_main
+from lab_assets.config import load_experiment
+from lab_assets_tests.conftest import TESTS_DIR
+from lab_assets_tests.fake_compute import FakeInstance, MetadataServer
+from resources import gce_agent
+from resources.gce import body as vmbody
+from resources.gce import launch_info, preemption
+from resources.gce.costs import BudgetExceeded, PriceMissing, check_budget, hourly_price
+from resources.gce.placement import Overrides, candidates
+from resources.step_launchers.gce import GceSettings, build_vm_spec
+
+GCE_EXPERIMENT = TESTS_DIR / "experiments" / "gce.yaml"
+NASTY = "x$(touch {c})`touch {c}`;touch {c};' ; touch {c} ; '\"; touch {c}; \"|&>{c}\n{c}"
+
+
+def _settings(**kw) -> GceSettings:
+    base = dict(
+        project="lab-test-project",
+        zones=("us-central1-a", "us-central1-b", "us-central1-c"),
+        machine_type="g2-standard-4",
+        gpu_type="nvidia-l4",
+        storage_root="gs://bucket/root",
+        experiment="exp",
+        gpu_zones={
+            "nvidia-l4": {
+                "us-central1-b": ["g2-standard-8", "g2-standard-4"],
+                "us-central1-c": ["g2-standard-8"],
+            }
+        },
+        hourly_usd={"g2-standard-4": 0.7, "g2-standard-4:spot": 0.28, "nvidia-l4": 0.0},
+    )
+    return GceSettings(**{**base, **kw})
+
+
+def _spec(s: GceSettings, partition: str = "m|r", **kw):
+    p = s.placements()[0]
+    args = dict(
+        placement=p,
+        name="lab-exp-run-abc123-a1",
+        source_image="projects/p/global/images/family/f",
+        prebaked=True,
+        launch_uri="gs://bucket/root/exp/_launches/run/adapter",
+        attempt=1,
+        run_id="0b6f3a4e-1111-2222-3333-444455556666",
+        step_key="adapter",
+        partition=partition,
+        launch_info={"zone": p.zone},
+    )
+    return build_vm_spec(s, **{**args, **kw})
+
+
+def test_dry_run_prints_the_insert_body_without_touching_anything(capsys, monkeypatch):
+    # Endpoints that refuse connections: any API or GCS call would fail the command.
+    monkeypatch.setenv("LAB_GCE_API_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
+    key = "tiny-test|sft-arith-r4-s0"
+    rc = gce_main(
+        ["launch", "--dry-run", "--asset", "adapter", "--partition", key]
+        + ["--experiment", str(GCE_EXPERIMENT)]
+    )
+    assert rc == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["machineType"] == "zones/us-central1-a/machineTypes/g2-standard-4"
+    assert body["guestAccelerators"] == [
+        {"acceleratorType": "zones/us-central1-a/acceleratorTypes/nvidia-l4", "acceleratorCount": 1}
+    ]
+    sched = body["scheduling"]
+    assert sched["maxRunDuration"] == {"seconds": "7200"}  # the dead-man switch
+    assert sched["instanceTerminationAction"] == "DELETE"
+    assert sched["provisioningModel"] == "SPOT"
+    assert body["labels"]["experiment"] == "small-gce"
+    assert body["labels"]["partition"] == "tiny-test_sft-arith-r4-s0"
+    items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
+    assert set(items) == {"startup-script", "lab-agent", "lab-launch"}
+    instr = json.loads(items["lab-launch"])
+    assert instr["partition"] == key and instr["mode"] == "step"
+    assert instr["launch_uri"].startswith("gs://lab-test-bucket/experiments/small-gce/_launches/")
+    assert key not in items["startup-script"]
+    # snake_case never leaks into the REST body
+    assert not re.search(r'"[a-z]+_[a-z_]+":', json.dumps(body))
+
+
+def test_dry_run_overrides_from_flags_and_env(capsys, monkeypatch):
+    monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
+    monkeypatch.setenv("LAB_GCE_MACHINE_TYPE", "g2-standard-8")
+    rc = gce_main(
+        ["launch", "--dry-run", "--asset", "adapter", "--partition", "tiny-test|sft-arith-r4-s0"]
+        + ["--zone", "us-central1-b", "--experiment", str(GCE_EXPERIMENT)]
+    )
+    assert rc == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["machineType"] == "zones/us-central1-b/machineTypes/g2-standard-8"
+    assert (
+        gce_main(
+            ["launch", "--dry-run", "--asset", "adapter", "--partition", "nope|nope"]
+            + ["--experiment", str(GCE_EXPERIMENT)]
+        )
+        == 2
+    )
+
+
+def test_on_demand_gpu_vms_terminate_on_host_maintenance_and_keep_the_dead_man_switch():
+    inst = vmbody.build_instance(_spec(_settings(spot=False, max_run_duration_s=900)))
+    body = json.loads(vmbody.instance_json(inst))
+    sched = body["scheduling"]
+    assert sched["provisioningModel"] == "STANDARD"
+    assert sched["onHostMaintenance"] == "TERMINATE"
+    assert sched["maxRunDuration"] == {"seconds": "900"}
+    assert sched["instanceTerminationAction"] == "DELETE"
+
+
+def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    canary = tmp_path / "CANARY"
+    nasty = NASTY.format(c=canary)
+    s = _settings(env={"LAB_NOTE": nasty}, experiment="exp")
+    spec = _spec(s, partition=nasty, run_id=nasty, step_key=nasty)
+    inst = vmbody.build_instance(spec)
+    body = json.loads(vmbody.instance_json(inst))
+    items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
+    script = items["startup-script"]
+    assert "touch" not in script  # no value reaches the script text
+    for v in body["labels"].values():
+        assert re.fullmatch(r"[a-z0-9_-]{0,63}", v)
+    # A config value that does reach the shell (the install directory) is quoted.
+    home = str(sandbox / f"home $(touch {canary}) `touch {canary}`; touch {canary}")
+    script = vmbody.startup_script(lab_home=home)
+    python = sandbox / "python-stub"
+    argv_file = sandbox / "agent-argv"
+    python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{argv_file}"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    venv_bin = f"{home}/venv/bin"
+    os.makedirs(venv_bin)
+    os.symlink(python, f"{venv_bin}/python")
+    (sandbox / "startup.sh").write_text(script)
+    fake = FakeInstance("p", "us-central1-a", body)
+    server = MetadataServer(None, fake)
+    try:
+        res = subprocess.run(
+            ["bash", str(sandbox / "startup.sh")],
+            cwd=sandbox,
+            env={"PATH": os.environ["PATH"], "GCE_METADATA_HOST": server.host},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.close()
+    assert res.returncode == 0, res.stderr
+    assert not canary.exists()
+    # the script fetched the agent from metadata and ran it from the quoted home
+    assert open(f"{home}/gce_agent.py").read() == items["lab-agent"]
+    assert argv_file.read_text().split("\n")[:2] == ["-u", f"{home}/gce_agent.py"]
+    # and the agent gets the values verbatim, as JSON data, never as shell text
+    instr = json.loads(items["lab-launch"])
+    assert instr["partition"] == nasty and instr["env"]["LAB_NOTE"] == nasty
+    assert not canary.exists()
+
+
+def test_labels_are_sanitised_and_long_values_keep_a_hash():
+    long_key = "tiny-llama|" + "sft-arith-r8-s0-" * 8
+    labels = vmbody.labels(partition=long_key, run="ABC|def", other=long_key + "x")
+    assert labels["run"] == "abc_def"
+    assert len(labels["partition"]) == 63 and labels["partition"] != labels["other"]
+    assert re.fullmatch(r"[a-z][-a-z0-9]{0,61}[a-z0-9]", vmbody.vm_name("Exp_1", "R" * 40, "k", 9))
+
+
+def test_candidates_follow_the_registry_and_the_overrides(monkeypatch):
+    s = _settings()
+    got = [(p.zone, p.machine_type) for p in s.placements()]
+    # zone a has no L4 in the registry; b's configured type comes first
+    assert got == [
+        ("us-central1-b", "g2-standard-4"),
+        ("us-central1-b", "g2-standard-8"),
+        ("us-central1-c", "g2-standard-8"),
+    ]
+    after = [p.zone for p in s.placements(avoid=("us-central1-b",))]
+    assert after == ["us-central1-c", "us-central1-b", "us-central1-b"]
+    monkeypatch.setenv("LAB_GCE_ZONE", "us-central1-c")
+    monkeypatch.setenv("LAB_GCE_GPU_TYPE", "nvidia-l4")
+    assert [(p.zone, p.machine_type) for p in s.placements()] == [
+        ("us-central1-c", "g2-standard-8")
+    ]
+    monkeypatch.setenv("LAB_GCE_MACHINE_TYPE", "g2-standard-16")
+    assert [p.machine_type for p in s.placements()] == ["g2-standard-16"]
+    # explicit (run config) beats the environment
+    assert Overrides.resolve(zone="us-central1-b").zone == "us-central1-b"
+    no_registry = candidates(("z-a1-a", "z-a1-b"), "n1-standard-8", "nvidia-t4", 2)
+    assert [(p.zone, p.machine_type, p.gpu_count) for p in no_registry] == [
+        ("z-a1-a", "n1-standard-8", 2),
+        ("z-a1-b", "n1-standard-8", 2),
+    ]
+
+
+def test_prices_and_the_budget_refusal_numbers():
+    prices = {"g2-standard-4": 0.7, "g2-standard-4:spot": 0.28, "nvidia-l4": 0.1}
+    assert hourly_price(prices, "g2-standard-4", "nvidia-l4", 2, spot=True) == pytest.approx(0.48)
+    assert hourly_price(prices, "g2-standard-4", "nvidia-l4", 1, spot=False) == pytest.approx(0.8)
+    with pytest.raises(PriceMissing):
+        hourly_price(prices, "a2-highgpu-1g", None, 0, spot=True)
+    check_budget(0, 1e9, 1e9, "no budget set")  # 0: no budget
+    check_budget(10, 6, 4, "fits exactly")
+    with pytest.raises(BudgetExceeded) as e:
+        check_budget(10, 6.5, 4, "$1.000/h x 4.00 h maxRunDuration")
+    assert str(e.value) == (
+        "budget refused: spent $6.50 so far + this VM's worst case $4.00 "
+        "($1.000/h x 4.00 h maxRunDuration) = $10.50 > budget $10.00"
+    )
+
+
+def test_names_shared_with_the_agent_agree():
+    assert gce_agent.CHECKPOINT_DIR_ENV == preemption.CHECKPOINT_DIR_ENV
+    assert gce_agent.PREEMPTIBLE_ENV == preemption.PREEMPTIBLE_ENV
+    assert gce_agent.PREEMPTED_EXIT_CODE == preemption.PREEMPTED_EXIT_CODE
+    assert gce_agent.LAUNCH_INFO_ENV == launch_info.LAUNCH_INFO_ENV
+    from resources.step_launchers.local import SCRATCH_ENV
+
+    assert gce_agent.SCRATCH_ENV == SCRATCH_ENV
+
+
+def test_a_gce_experiment_gets_the_gce_launcher_and_the_reaper_sensor(monkeypatch):
+    monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
+    from lab_assets.definitions import build_definitions
+
+    defs = build_definitions(load_experiment(GCE_EXPERIMENT))
+    launcher = defs.resources["step_launcher"]
+    assert type(launcher).__name__ == "PartialResource"
+    assert launcher.resource_cls.__name__ == "GceStepLauncherResource"
+    assert defs.get_sensor_def("gce_vm_reaper") is not None
+
+
+def test_gce_config_checks_the_gpu_registry(tmp_path):
+    from lab_assets.config import ExperimentError
+
+    text = GCE_EXPERIMENT.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("us-central1-b: [g2-standard-8", "us-central1-bb: [g2-standard-8"))
+    with pytest.raises(ExperimentError, match=r"compute\.gce\.gpu_zones.*'us-central1-bb'"):
+        load_experiment(bad)
+    bad.write_text(
+        text.replace("      us-central1-a: [g2-standard-4]\n", "").replace(
+            "us-central1-b: [g2-standard-8, g2-standard-4]", "europe-west4-a: [g2-standard-4]"
+        )
+    )
+    with pytest.raises(ExperimentError, match="lists no zone of `zones`"):
+        load_experiment(bad)
+    exp = load_experiment(GCE_EXPERIMENT)
+    assert exp.file.compute.reap_after == 7200 + 600 and exp.file.compute.keep_vm is False
