@@ -222,7 +222,10 @@ def _cmd_image(args: argparse.Namespace) -> int:
     if args.image_cmd == "build":
         model, rev = _health_model(exp, args.health_model)
         name = mgr.build(
-            require_cuda=not args.no_require_cuda, health_model=model, health_revision=rev
+            require_cuda=not args.no_require_cuda,
+            health_model=model,
+            health_revision=rev,
+            import_modules=("lab_assets", "resources"),
         )
         print(f"built image {name} in family {mgr.family}")
     elif args.image_cmd == "teardown":

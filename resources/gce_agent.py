@@ -562,7 +562,9 @@ try:
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained(args["model"], revision=args.get("revision"))
         out["model_params"] = sum(p.numel() for p in m.parameters())
-    import lab_assets, resources  # the bundle is importable
+    import importlib
+    for name in args.get("import_modules") or ():  # the bundle's packages import
+        importlib.import_module(name)
     out["ok"] = out["cuda"] or not args.get("require_cuda", True)
     if not out["ok"]:
         out["error"] = "CUDA is not available"
@@ -594,6 +596,7 @@ def run_image_build(instr: dict[str, Any], home: Path) -> int:
             "require_cuda": instr.get("require_cuda", True),
             "model": instr.get("health_model"),
             "revision": instr.get("health_model_revision"),
+            "import_modules": instr.get("import_modules") or [],
         }
         env = dict(os.environ)
         if instr.get("bundle_install") == "skip":

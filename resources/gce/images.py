@@ -108,6 +108,7 @@ class ImageManager:
         require_cuda: bool = True,
         health_model: str | None = None,
         health_revision: str | None = None,
+        import_modules: tuple[str, ...] = ("resources",),
         log: Log = print,
     ) -> str:
         """Build a new image in the family; returns its name."""
@@ -128,6 +129,7 @@ class ImageManager:
             "require_cuda": require_cuda,
             "health_model": health_model,
             "health_model_revision": health_revision,
+            "import_modules": list(import_modules),  # checked to import from the bundle
         }
         zone = None
         try:
