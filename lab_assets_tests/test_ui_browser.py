@@ -52,6 +52,10 @@ def webserver(tmp_path):
         "run_coordinator:\n  module: dagster._core.run_coordinator\n"
         "  class: DefaultRunCoordinator\n"
     )
+    # Dagster's one-time "join the community" dialog would pop up over the page at an
+    # unpredictable moment; this instance has "seen" it (dagster/_core/nux.py).
+    (home / ".nux").mkdir()
+    (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
     port = free_port()
     env = {
         **os.environ,
@@ -107,9 +111,6 @@ def test_graph_shows_the_assets_and_a_partition_launches_from_the_ui(webserver):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(120_000)  # a loaded 2-core machine renders slowly
-        # Dagster's one-time "join the community" dialog may cover the page at any point.
-        skip = page.get_by_role("button", name="Skip")
-        page.add_locator_handler(skip, lambda: skip.click())
         try:
             page.goto(url + "/asset-groups")
             page.wait_for_selector("text=classific")
@@ -120,12 +121,18 @@ def test_graph_shows_the_assets_and_a_partition_launches_from_the_ui(webserver):
 
             page.goto(url + "/assets/base_model")
             page.get_by_role("button", name="Materialize").first.click()
+            title = page.get_by_text("Launch runs to materialize base_model")
+            title.wait_for()
             page.get_by_text("Select a partition or create one").click()
             page.locator(".dagster-popover").locator("label").filter(
                 has_text="tiny-test"
             ).first.click()
-            page.keyboard.press("Escape")
-            page.get_by_role("button", name="Launch 1 run").click()
+            title.click()  # closes the partition picker, keeps the dialog
+            launch = page.get_by_role("button", name="Launch 1 run")
+            page.screenshot(path=str(webserver["shots"] / "dialog.png"))
+            launch.click()
+            title.wait_for(state="hidden")  # the dialog closes once the run is launched
+            page.screenshot(path=str(webserver["shots"] / "launched.png"))
 
             page.goto(url + "/runs")
             deadline = time.time() + 240
@@ -139,8 +146,9 @@ def test_graph_shows_the_assets_and_a_partition_launches_from_the_ui(webserver):
                     break
                 page.reload()
             page.screenshot(path=str(webserver["shots"] / "runs.png"))
-            assert "partition: tiny-test" in status
-            assert "Success" in status, status[-2000:]
+            log_tail = (webserver["shots"] / "webserver.log").read_text()[-3000:]
+            assert "partition: tiny-test" in status, f"no run listed; webserver log:\n{log_tail}"
+            assert "Success" in status, f"{status[-1500:]}\nwebserver log:\n{log_tail}"
         finally:
             browser.close()
     store = LocalArtifactStore(str(webserver["storage"]), "small")
