@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, Config, Definitions, asset, in_process_executor
 
+from lab_assets_tests.handshake import wait_for_ack
 from resources.gce import preemption
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.step_launchers.gce import GceStepLauncherResource
@@ -101,13 +102,7 @@ def gce_work(context: AssetExecutionContext, config: WorkConfig):
     out.mkdir()
     (out / "result.txt").write_text("done")
     if config.mode in ("handshake", "hang"):
-        context.log.info("waiting for ack")
-        ack = Path(config.handshake_dir) / "ack"
-        deadline = time.time() + (30 if config.mode == "handshake" else 120)
-        while not ack.exists():
-            if time.time() > deadline:
-                raise TimeoutError("the launcher never relayed 'waiting for ack' while running")
-            time.sleep(0.05)
+        wait_for_ack(context, config.handshake_dir, 30 if config.mode == "handshake" else 120)
     if config.mode == "fail":
         raise ValueError("asset failed on purpose")
     if config.mode == "crash":

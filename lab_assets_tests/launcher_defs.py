@@ -6,11 +6,11 @@ run through the real launcher.
 """
 
 import os
-import time
 from pathlib import Path
 
 from dagster import AssetExecutionContext, Config, Definitions, asset, in_process_executor
 
+from lab_assets_tests.handshake import wait_for_ack
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.step_launchers.local import SCRATCH_ENV, LocalStepLauncher
 
@@ -27,14 +27,7 @@ def remote_work(context: AssetExecutionContext, config: WorkConfig):
     (scratch / "out").mkdir()
     (scratch / "out" / "result.txt").write_text("done")
     if config.mode == "handshake":
-        # Wait until the test has seen this log line in the *host* run's event log.
-        context.log.info("waiting for ack")
-        ack = Path(config.handshake_dir) / "ack"
-        deadline = time.time() + 30
-        while not ack.exists():
-            if time.time() > deadline:
-                raise TimeoutError("the launcher never relayed 'waiting for ack' while running")
-            time.sleep(0.05)
+        wait_for_ack(context, config.handshake_dir)
     if config.mode == "fail":
         raise ValueError("asset failed on purpose")
     if config.mode == "crash":
