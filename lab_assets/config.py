@@ -303,7 +303,7 @@ class RunSpec(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of exactly the config that shapes this run's adapter."""
-        return _digest(
+        return digest(
             {
                 "method": self.method,
                 "task": self.task,
@@ -346,7 +346,7 @@ class Experiment(_Strict):
         raise KeyError(f"{self.path}: no run {run_id!r}")
 
     def model_fingerprint(self, model_id: str) -> str:
-        return _digest(self.model(model_id).model_dump(mode="json"))
+        return digest(self.model(model_id).model_dump(mode="json"))
 
     def target_modules(self) -> list[str]:
         """Every module suffix any run adapts (the base spectrum covers all of them)."""
@@ -356,7 +356,8 @@ class Experiment(_Strict):
         return out
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """A short, stable hash of JSON-able config (sorted keys): fingerprints are made of these."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -25,9 +25,8 @@ from dagster import (
     sensor,
 )
 
-from lab_assets.config import Experiment
+from lab_assets.config import Experiment, digest
 from lab_assets.sweep import GPU_POOL, assess, plan_sweep, reconcile_events
-from lab_assets.versions import digest
 from resources.io_manager import LabStorage
 
 SWEEP_JOB = "sweep_job"

@@ -16,12 +16,10 @@ sweep decides what is stale and says why.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from lab_assets.config import Experiment
+from lab_assets.config import Experiment, digest
 from lab_assets.ml.tasks import TASK_GENERATOR_VERSION
 from lab_assets.partitions import adapter_key
 
@@ -34,11 +32,6 @@ CODE_VERSIONS = {
     "classification_results": "1",
 }
 ASSET_ORDER = tuple(CODE_VERSIONS)
-
-
-def digest(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
