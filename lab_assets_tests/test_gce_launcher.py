@@ -13,6 +13,7 @@ from dagster import DagsterInstance
 
 from lab_assets_tests.fake_compute import REPO_ROOT
 from lab_assets_tests.gce_fixtures import BUCKET, messages, run_gce_job
+from lab_assets_tests.handshake import acknowledge_when_logged
 from resources.gce.gcs import Gcs
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
@@ -99,24 +100,9 @@ def test_events_and_logs_arrive_while_the_step_runs(gce, gce_instance, tmp_path)
     """The step on the VM blocks until the test sees its log line in the host run."""
     handshake = tmp_path / "handshake"
     handshake.mkdir()
-    stop = threading.Event()
-
-    def watch():
-        with DagsterInstance.from_ref(gce_instance.get_ref()) as reader:
-            while not stop.is_set():
-                for run in reader.get_runs():
-                    if any("waiting for ack" in m for m in messages(reader, run.run_id)):
-                        (handshake / "ack").touch()
-                        return
-                time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with acknowledge_when_logged(gce_instance, handshake):
         with run_gce_job(gce_instance, mode="handshake", handshake_dir=str(handshake)) as result:
             assert result.success, _failure_text(result)
-    finally:
-        stop.set()
     assert (handshake / "ack").exists()
     (body,) = _vm_of(gce, result.run_id)
     assert gce.find(body["name"]) is None

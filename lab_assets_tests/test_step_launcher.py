@@ -1,13 +1,12 @@
 """The local disposable-worker step launcher, through real Dagster runs."""
 
 import os
-import threading
-import time
 
 from dagster import execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from lab_assets_tests.conftest import TESTS_DIR, scratch_leftovers
+from lab_assets_tests.handshake import acknowledge_when_logged
 from resources.storage import LocalArtifactStore
 
 
@@ -62,24 +61,7 @@ def test_events_are_relayed_while_the_step_runs(lab_env, instance, tmp_path):
     lets it finish."""
     handshake = tmp_path / "handshake"
     handshake.mkdir()
-    stop = threading.Event()
-
-    def watch():
-        from dagster import DagsterInstance
-
-        with DagsterInstance.from_ref(instance.get_ref()) as reader:
-            while not stop.is_set():
-                for run in reader.get_runs():
-                    if any("waiting for ack" in m for m in _messages(reader, run.run_id)):
-                        (handshake / "ack").touch()
-                        return
-                time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with acknowledge_when_logged(instance, handshake):
         with _run(instance, "handshake", str(handshake)) as result:
             assert result.success, [e.message for e in result.all_events if e.is_step_failure]
-    finally:
-        stop.set()
     assert (handshake / "ack").exists()
