@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab_assets_tests.gcs_emulator import Emulator  # noqa: E402
-from resources.gcs_client import make_client  # noqa: E402
-from resources.gcs_store import GCSArtifactStore, GCSSession, TransferConfig  # noqa: E402
-from resources.storage import verify_dir  # noqa: E402
+from lab_assets_tests.fakes.gcs_emulator import Emulator  # noqa: E402
+from resources.storage.base import verify_dir  # noqa: E402
+from resources.storage.gcs.client import make_client  # noqa: E402
+from resources.storage.gcs.store import GCSArtifactStore, GCSSession, TransferConfig  # noqa: E402
 
 BUCKET = "bench"
 

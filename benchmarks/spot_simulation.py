@@ -2,7 +2,7 @@
 
 Runs one training step through the real GCE step launcher, agent, event relay,
 checkpoint mirroring and zone failover, against the fake Compute Engine and the
-GCS emulator (``lab_assets_tests/fake_compute.py``), under preemption patterns:
+GCS emulator (``lab_assets_tests/fakes/fake_compute.py``), under preemption patterns:
 
 - ``on-demand``: no preemptions, on-demand price (the baseline);
 - ``regular``: every spot VM is preempted ``--mean-s`` seconds into its training;
@@ -13,7 +13,7 @@ GCS emulator (``lab_assets_tests/fake_compute.py``), under preemption patterns:
 - ``regular-hard``: like regular, but no warning (SIGKILL at once): the step cannot
   checkpoint on SIGTERM and falls back to its last periodic checkpoint.
 
-Training is SIMULATED and torch-free (``lab_assets_tests/gce_defs.py``, mode
+Training is SIMULATED and torch-free (``lab_assets_tests/code_locations/gce_defs.py``, mode
 ``train``): each step sleeps ``--step-s`` seconds, a checkpoint is written every
 ``--checkpoint-every`` steps and on SIGTERM, and the step resumes from the newest
 one in GCS. Every executed step is appended to a progress file, so re-done work is
@@ -180,7 +180,7 @@ def run_pattern(pattern: str, args, fake, instance, workdir: Path) -> Outcome:
 
 
 def _ledger(run_id: str) -> tuple[float, float]:
-    from resources.gce.gcs import Gcs
+    from resources.compute.gce.gcs import Gcs
 
     gcs = Gcs()
     entries = [gcs.read_json(u) for u in gcs.list("gs://lab-test-bucket/gce/_gce/ledger")]
@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     from dagster import DagsterInstance
 
-    from lab_assets_tests.fake_compute import FakeCompute
+    from lab_assets_tests.fakes.fake_compute import FakeCompute
     from lab_assets_tests.gce_fixtures import gcs_emulator_server
-    from resources.gce.api import ENDPOINT_ENV
-    from resources.gce_agent import storage_client
+    from resources.compute.gce.api import ENDPOINT_ENV
+    from resources.remote.agent import storage_client
 
     useful = args.steps * args.step_s
     print(

@@ -1,83 +1,58 @@
 """Dagster entry point: `dagster dev -m lab_assets.definitions` (or `workspace.yaml`).
 
-The experiment file (``$LAB_EXPERIMENT``, default ``experiments/tiny.yaml``) is
-loaded and validated here, so an invalid file stops the code location from
-loading with an error naming the file and field, and nothing runs.
+Assembles only. `build_definitions(exp)` is a function of an `Experiment`; the
+module-level `defs` loads the experiment named by `$LAB_EXPERIMENT` (default
+`./experiments/tiny.yaml`) when Dagster asks for it, so an invalid file stops the
+code location from loading with an error naming the file and field. Runs that the
+lab drives itself rebuild their job with `experiment_job`, from the experiment's
+text, in whichever process runs a step. Nothing imports this module.
 """
 
 from __future__ import annotations
 
-from dagster import (
-    AssetSelection,
-    Definitions,
-    define_asset_job,
-    in_process_executor,
-)
+from functools import lru_cache
+from pathlib import Path
 
-from lab_assets.assets import build_assets
-from lab_assets.compute import gce_launcher_resource
-from lab_assets.config import Experiment, GceCompute, load_experiment
-from lab_assets.partitions import build_partitions
-from lab_assets.schedules import build_reconcile_sensor, build_sweep_job, build_sweep_schedule
-from lab_assets.sensors import build_vm_reaper_sensor
-from resources.io_manager import ArtifactIOManager, LabStorage
-from resources.model_cache import ModelCache
-from resources.step_launchers.local import LocalStepLauncher
+import dagster as dg
 
-BASE_MODELS_JOB = "base_models_job"
-ADAPTERS_JOB = "adapters_job"
-CLASSIFICATION_JOB = "classification_job"
+from lab_assets.defs.assets import build_assets
+from lab_assets.defs.jobs import asset_jobs, build_sweep_job
+from lab_assets.defs.partitions import build_partitions
+from lab_assets.defs.resources import build_resources
+from lab_assets.defs.schedules import build_sweep_schedule
+from lab_assets.defs.sensors import build_reconcile_sensor, build_vm_reaper_sensor
+from lab_assets.experiment.load import load_experiment, parse_experiment
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.schema import GceCompute
 
 
-def model_cache_uri(exp: Experiment) -> str | None:
-    """A gs:// lab shares one GCS model cache per storage root, beside the experiments."""
-    return f"{exp.storage_root}/_model-cache" if exp.storage_root.startswith("gs://") else None
-
-
-def build_definitions(exp: Experiment) -> Definitions:
-    parts = build_partitions(exp)
-    assets = build_assets(exp, parts)
-    storage = LabStorage(root=exp.storage_root, experiment=exp.name)
-    sensors = []
+def build_definitions(exp: Experiment) -> dg.Definitions:
+    resources = build_resources(exp)
+    storage = resources["lab_storage"]
+    sensors = [build_reconcile_sensor(exp, storage)]
     if isinstance(exp.file.compute, GceCompute):
-        # Each adapter partition on its own disposable VM; a sensor reaps forgotten VMs.
-        launcher = gce_launcher_resource(exp)
         sensors.append(build_vm_reaper_sensor(exp))
-    else:
-        launcher = LocalStepLauncher()
-    jobs = [
-        define_asset_job(
-            BASE_MODELS_JOB,
-            AssetSelection.assets("base_model", "base_spectrum"),
-            description="Build or fetch one base model and its spectrum.",
-        ),
-        define_asset_job(
-            ADAPTERS_JOB,
-            AssetSelection.assets("adapter", "spectral_features"),
-            description="Train one adapter and measure its spectral features.",
-        ),
-        define_asset_job(
-            CLASSIFICATION_JOB,
-            AssetSelection.assets("classification_results"),
-            description="Classify method and task from every adapter's features.",
-        ),
-        build_sweep_job(exp),
-    ]
     schedule = build_sweep_schedule(exp, storage)
-    return Definitions(
-        assets=assets,
-        jobs=jobs,
+    return dg.Definitions(
+        assets=build_assets(exp, build_partitions(exp)),
+        jobs=[*asset_jobs(), build_sweep_job(exp)],
         schedules=[schedule] if schedule else [],
-        sensors=[build_reconcile_sensor(exp, storage), *sensors],
-        resources={
-            "lab_storage": storage,
-            "io_manager": ArtifactIOManager(storage=storage),
-            "step_launcher": launcher,
-            "model_cache": ModelCache(gcs_uri=model_cache_uri(exp)),
-        },
-        executor=in_process_executor,
+        sensors=sensors,
+        resources=resources,
+        executor=dg.in_process_executor,
     )
 
 
-experiment = load_experiment()
-defs = build_definitions(experiment)
+@lru_cache(maxsize=8)
+def _definitions_for(text: str, path: str, storage_root: str) -> dg.Definitions:
+    return build_definitions(parse_experiment(text, Path(path), storage_root))
+
+
+def experiment_job(text: str, path: str, storage_root: str, job_name: str) -> dg.JobDefinition:
+    """One job of the experiment given as text (the reconstructor of `build_reconstructable_job`)."""
+    return _definitions_for(text, path, storage_root).get_job_def(job_name)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions(load_experiment())

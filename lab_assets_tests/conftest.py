@@ -38,8 +38,8 @@ def small_lab(tmp_path_factory):
     """The small experiment materialised once, through Dagster, for every test that reads it.
 
     Tests that change things copy it first (`copy_lab`)."""
-    from lab_assets.config import load_experiment
-    from lab_assets.runner import materialize_experiment
+    from lab_assets.experiment.load import load_experiment
+    from lab_assets.orchestration.runner import materialize_experiment
 
     root = tmp_path_factory.mktemp("small_lab")
     env = {

@@ -17,10 +17,10 @@ import pytest
 from dagster import DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-from lab_assets_tests.fake_compute import REPO_ROOT, FakeCompute
-from resources.gce.api import ENDPOINT_ENV
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT, FakeCompute
+from resources.compute.gce.api import ENDPOINT_ENV
 
-# Must match lab_assets_tests/gce_defs.py, which is not imported here: it reads
+# Must match lab_assets_tests/code_locations/gce_defs.py, which is not imported here: it reads
 # LAB_STORAGE_ROOT when loaded, after the session fixture has set it.
 BUCKET = "lab-test-bucket"
 
@@ -48,7 +48,7 @@ def gcs_emulator_server() -> Iterator:
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-    from resources.gce_agent import storage_client
+    from resources.remote.agent import storage_client
 
     storage = tmp_path_factory.mktemp("gce-storage")
     saved = {k: os.environ.get(k) for k in ("LAB_STORAGE_ROOT", "GOOGLE_CLOUD_PROJECT")}
@@ -90,7 +90,7 @@ def gce_instance(tmp_path):
 
 def run_gce_job(instance, run_config: dict | None = None, **work):
     repo = ReconstructableRepository.for_module(
-        "lab_assets_tests.gce_defs", "defs", working_directory=str(REPO_ROOT)
+        "lab_assets_tests.code_locations.gce_defs", "defs", working_directory=str(REPO_ROOT)
     )
     job = repo.get_reconstructable_job("__ASSET_JOB")
     cfg = {"ops": {"gce_work": {"config": work}}, **(run_config or {})}

@@ -6,8 +6,11 @@ import textwrap
 
 import pytest
 
-from lab_assets.config import DEFAULT_EXPERIMENT, ExperimentError, load_experiment
+from lab_assets.experiment.load import DEFAULT_EXPERIMENT, load_experiment
+from lab_assets.experiment.schema import ExperimentError
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR
+
+REPO_ROOT = TESTS_DIR.parent
 
 VALID = textwrap.dedent(
     """
@@ -35,12 +38,13 @@ def write(tmp_path, text, name="exp.yaml"):
 def test_default_experiment_has_at_least_30_adapters_with_readable_keys(monkeypatch):
     monkeypatch.delenv("LAB_EXPERIMENT", raising=False)
     monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
     exp = load_experiment()
-    assert exp.path == DEFAULT_EXPERIMENT
+    assert exp.path == REPO_ROOT / DEFAULT_EXPERIMENT
     assert len(exp.runs) * len(exp.model_ids) >= 30
     assert "dpo-arith-r8-s0" in exp.run_ids and "sft-sentiment-r8-s4" in exp.run_ids
     assert exp.model_ids == ["tiny-llama"]
-    assert exp.storage_root == str((DEFAULT_EXPERIMENT.parent / ".." / "lab-storage").resolve())
+    assert exp.storage_root == str(REPO_ROOT / "lab-storage")
 
 
 def test_overrides_keys_and_storage(tmp_path, monkeypatch):
@@ -141,7 +145,7 @@ def test_invalid_file_stops_definitions_and_cli_before_anything_runs(tmp_path):
     bad = write(tmp_path, VALID.replace("tasks: [arith]", "tasks: [poetry]"))
     storage = tmp_path / "storage"
     env = {"LAB_EXPERIMENT": str(bad), "LAB_STORAGE_ROOT": str(storage), "PATH": "/usr/bin:/bin"}
-    code = "import lab_assets.definitions"
+    code = "from lab_assets.definitions import defs; defs()"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=TESTS_DIR.parent
     )

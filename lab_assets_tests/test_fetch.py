@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lab_assets.cli_fetch import fetch_main
+from lab_assets.cli.fetch import fetch_main
 from lab_assets_tests.conftest import SMALL_EXPERIMENT
-from lab_assets_tests.gcs_emulator import Emulator
-from resources.storage import MANIFEST_NAME, open_store
+from lab_assets_tests.fakes.gcs_emulator import Emulator
+from resources.storage.base import MANIFEST_NAME, open_store
 
 BUCKET = "fetch-test"
 EXPERIMENT = "small"  # the name in SMALL_EXPERIMENT

@@ -17,16 +17,16 @@ import subprocess
 
 import pytest
 
-from lab_assets.cli_gce import gce_main
-from lab_assets.config import load_experiment
+from lab_assets.cli.gce import gce_main
+from lab_assets.experiment.load import load_experiment
 from lab_assets_tests.conftest import TESTS_DIR
-from lab_assets_tests.fake_compute import FakeInstance, MetadataServer
-from resources import gce_agent
-from resources.gce import body as vmbody
-from resources.gce import launch_info, preemption
-from resources.gce.costs import BudgetExceeded, PriceMissing, check_budget, hourly_price
-from resources.gce.placement import Overrides, candidates
-from resources.step_launchers.gce import GceSettings, build_vm_spec
+from lab_assets_tests.fakes.fake_compute import FakeInstance, MetadataServer
+from resources.compute.gce import vm_spec as vmbody
+from resources.compute.gce.costs import BudgetExceeded, PriceMissing, check_budget, hourly_price
+from resources.compute.gce.launcher import GceSettings, build_vm_spec
+from resources.compute.gce.placement import Overrides, candidates
+from resources.remote import agent as gce_agent
+from resources.remote import launch_info, preemption
 
 GCE_EXPERIMENT = TESTS_DIR / "experiments" / "gce.yaml"
 NASTY = "x$(touch {c})`touch {c}`;touch {c};' ; touch {c} ; '\"; touch {c}; \"|&>{c}\n{c}"
@@ -234,7 +234,7 @@ def test_names_shared_with_the_agent_agree():
     assert gce_agent.PREEMPTIBLE_ENV == preemption.PREEMPTIBLE_ENV
     assert gce_agent.PREEMPTED_EXIT_CODE == preemption.PREEMPTED_EXIT_CODE
     assert gce_agent.LAUNCH_INFO_ENV == launch_info.LAUNCH_INFO_ENV
-    from resources.step_launchers.local import SCRATCH_ENV
+    from resources.compute.local.launcher import SCRATCH_ENV
 
     assert gce_agent.SCRATCH_ENV == SCRATCH_ENV
 
@@ -251,7 +251,7 @@ def test_a_gce_experiment_gets_the_gce_launcher_and_the_reaper_sensor(monkeypatc
 
 
 def test_gce_config_checks_the_gpu_registry(tmp_path):
-    from lab_assets.config import ExperimentError
+    from lab_assets.experiment.schema import ExperimentError
 
     text = GCE_EXPERIMENT.read_text()
     bad = tmp_path / "bad.yaml"

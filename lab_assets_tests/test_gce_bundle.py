@@ -8,8 +8,8 @@ import sys
 import time
 import zipfile
 
-from lab_assets_tests.fake_compute import REPO_ROOT
-from resources.gce.bundle import build_wheel, source_hash
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT
+from resources.compute.gce.bundle import build_wheel, source_hash
 
 
 def test_the_wheel_holds_the_working_tree_and_is_reused(tmp_path):
@@ -17,13 +17,13 @@ def test_the_wheel_holds_the_working_tree_and_is_reused(tmp_path):
     wheel = build_wheel(REPO_ROOT, cache_dir=tmp_path)
     built_s = time.perf_counter() - t0
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "lab_assets/definitions.py" in names and "lab_assets/cli_gce.py" in names
-    assert "resources/gce_agent.py" in names and "resources/step_launchers/gce.py" in names
-    assert "resources/step_worker.py" in names
+    assert "lab_assets/definitions.py" in names and "lab_assets/cli/gce.py" in names
+    assert "resources/remote/agent.py" in names and "resources/compute/gce/launcher.py" in names
+    assert "resources/remote/step_worker.py" in names
     assert not any("__pycache__" in n or n.startswith("lab_assets_tests/") for n in names)
     # what runs is the working tree as it is now, committed or not
-    data = zipfile.ZipFile(wheel).read("resources/step_launchers/gce.py")
-    assert data == (REPO_ROOT / "resources/step_launchers/gce.py").read_bytes()
+    data = zipfile.ZipFile(wheel).read("resources/compute/gce/launcher.py")
+    assert data == (REPO_ROOT / "resources/compute/gce/launcher.py").read_bytes()
     t0 = time.perf_counter()
     assert build_wheel(REPO_ROOT, cache_dir=tmp_path) == wheel  # same sources: cached
     assert time.perf_counter() - t0 < built_s

@@ -11,10 +11,10 @@ import time
 
 from dagster import DagsterInstance
 
-from lab_assets_tests.fake_compute import REPO_ROOT
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT
 from lab_assets_tests.gce_fixtures import BUCKET, messages, run_gce_job
 from lab_assets_tests.handshake import acknowledge_when_logged
-from resources.gce.gcs import Gcs
+from resources.compute.gce.gcs import Gcs
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
 
@@ -174,7 +174,7 @@ from dagster._utils.interrupts import setup_interrupt_handlers
 setup_interrupt_handlers()  # as a run worker does: SIGTERM interrupts the run
 home, handshake = sys.argv[1:3]
 repo = ReconstructableRepository.for_module(
-    "lab_assets_tests.gce_defs", "defs", working_directory={str(REPO_ROOT)!r}
+    "lab_assets_tests.code_locations.gce_defs", "defs", working_directory={str(REPO_ROOT)!r}
 )
 cfg = {{"ops": {{"gce_work": {{"config": {{"mode": "hang", "handshake_dir": handshake}}}}}}}}
 with DagsterInstance.local_temp(home) as inst:
@@ -278,8 +278,8 @@ def test_a_vm_that_dies_under_the_step_fails_it_and_is_deleted(gce, gce_instance
 
 
 def test_keep_vm_leaves_the_vm_says_how_to_connect_and_the_reaper_waits(gce, gce_instance):
-    from resources.gce.api import ComputeApi
-    from resources.gce.reaper import LabVm, judge
+    from resources.compute.gce.api import ComputeApi
+    from resources.compute.gce.reaper import LabVm, judge
 
     cfg = {"resources": {"step_launcher": {"config": {"keep_vm": True}}}}
     with run_gce_job(gce_instance, run_config=cfg, mode="ok") as result:

@@ -11,15 +11,15 @@ import time
 from dagster import build_sensor_context
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 
-from lab_assets.cli_gce import gce_main, image_manager
-from lab_assets.config import load_experiment
-from lab_assets.sensors import build_vm_reaper_sensor
+from lab_assets.cli.gce import gce_main, image_manager
+from lab_assets.defs.sensors import build_vm_reaper_sensor
+from lab_assets.experiment.load import load_experiment
 from lab_assets_tests.gce_fixtures import BUCKET
 from lab_assets_tests.test_gce_body import GCE_EXPERIMENT
-from resources.gce import body as vmbody
-from resources.gce.api import ComputeApi
-from resources.gce.gcs import Gcs
-from resources.step_launchers.gce import image_for
+from resources.compute.gce import vm_spec as vmbody
+from resources.compute.gce.api import ComputeApi
+from resources.compute.gce.gcs import Gcs
+from resources.compute.gce.launcher import image_for
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
 
@@ -107,7 +107,7 @@ def test_image_build_teardown_and_import(gce, monkeypatch):
     assert health["ok"] and health["torch"] and health["cuda"] is False
     assert not [i for i in gce.live() if i.name.startswith("lab-img-")]  # build VM deleted
     s = load_experiment(GCE_EXPERIMENT)
-    from lab_assets.compute import gce_settings
+    from lab_assets.defs.resources import gce_settings
 
     link, prebaked = image_for(api, gce_settings(s))
     assert prebaked and link == image.self_link  # launches now boot the pre-baked image

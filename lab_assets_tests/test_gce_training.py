@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from lab_assets_tests.fake_compute import REPO_ROOT
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT
 from lab_assets_tests.gce_fixtures import BUCKET
-from resources.gce.preemption import PREEMPTED_EXIT_CODE
-from resources.gce_agent import CheckpointSync, storage_client
+from resources.remote.agent import CheckpointSync, storage_client
+from resources.remote.preemption import PREEMPTED_EXIT_CODE
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -31,10 +31,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 STEPS, EVERY = 16, 5
 TRAIN = f"""
 import sys
-from resources.gce import preemption
+from resources.remote import preemption
 preemption.install_if_preemptible()
 from lab_assets.ml.train import TrainSpec, train_adapter
-from lab_assets.preemptible import preemptible_training
+from resources.remote.checkpointing import preemptible_training
 spec = TrainSpec(method="lora_sft", task="arith", seed=0, rank=4, alpha=8, steps={STEPS},
                  batch_size=4, n_examples=64)
 r = train_adapter(sys.argv[1], sys.argv[2], spec, log=lambda m: print(m, flush=True),

@@ -23,9 +23,9 @@ from dagster import (
 )
 from safetensors.numpy import load_file, save_file
 
-from lab_assets_tests.gcs_emulator import Emulator
+from lab_assets_tests.fakes.gcs_emulator import Emulator
 from resources.io_manager import ArtifactIOManager, LabStorage
-from resources.storage import MANIFEST_NAME, open_store
+from resources.storage.base import MANIFEST_NAME, open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "pipeline-test"

@@ -17,19 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from lab_assets_tests.gcs_emulator import Emulator, FaultProxy
-from resources.gcs_client import ConcurrentWriteError, GCSError, make_client, retry_policy
-from resources.gcs_store import (
-    COMMIT_DIR_PREFIX,
-    GCSArtifactStore,
-    GCSSession,
-    TransferConfig,
-)
-from resources.storage import (
+from lab_assets_tests.fakes.gcs_emulator import Emulator, FaultProxy
+from resources.storage.base import (
     MANIFEST_NAME,
     IncompletePartitionError,
     LocalArtifactStore,
     open_store,
+)
+from resources.storage.gcs.client import ConcurrentWriteError, GCSError, make_client, retry_policy
+from resources.storage.gcs.store import (
+    COMMIT_DIR_PREFIX,
+    GCSArtifactStore,
+    GCSSession,
+    TransferConfig,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -285,8 +285,8 @@ def test_a_failed_upload_leaves_the_previous_version_and_no_debris(emulator, tmp
 _KILLABLE_COMMIT = """
 import sys
 from pathlib import Path
-from resources.gcs_client import make_client
-from resources.gcs_store import GCSArtifactStore, GCSSession, TransferConfig
+from resources.storage.gcs.client import make_client
+from resources.storage.gcs.store import GCSArtifactStore, GCSSession, TransferConfig
 endpoint, prefix, src = sys.argv[1:4]
 session = GCSSession(make_client(endpoint=endpoint), transfer=TransferConfig(max_workers=1))
 store = GCSArtifactStore(f"gs://lab-test/{prefix}", "exp", session=session)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from lab_assets_tests.gcs_emulator import Emulator
-from resources.gcs_client import make_client, retry_policy
-from resources.gcs_store import GCSSession
+from lab_assets_tests.fakes.gcs_emulator import Emulator
 from resources.model_cache import MARKER, ModelCache, ModelCacheError, safetensors_problem
+from resources.storage.gcs.client import make_client, retry_policy
+from resources.storage.gcs.store import GCSSession
 
 REPO = "lab-test/tiny-llama"
 TAG = "v1.0"

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lab_assets.cli_spectrum import spectrum_main
+from lab_assets.cli.spectrum import spectrum_main
 from lab_assets.ml.adapter_io import (
     LoraModule,
     UnsupportedAdapterError,

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from resources.storage import (
+from resources.storage.base import (
     MANIFEST_NAME,
     IncompletePartitionError,
     LocalArtifactStore,
@@ -57,7 +57,7 @@ def test_without_manifest_a_partition_is_missing(tmp_path):
 def test_a_failed_rewrite_keeps_the_old_partition(tmp_path, monkeypatch):
     store = LocalArtifactStore(str(tmp_path / "root"), "exp")
     store.commit("adapter", "p1", make_src(tmp_path, {"w": b"old"}))
-    import resources.storage as storage_mod
+    import resources.storage.base as storage_mod
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -18,11 +18,11 @@ from dagster import (
     build_sensor_context,
 )
 
-from lab_assets.config import load_experiment
-from lab_assets.runner import run_planned, use_experiment
-from lab_assets.sweep import FRESH, MISSING, STALE, assess, plan_sweep, reconcile
+from lab_assets.experiment.load import load_experiment
+from lab_assets.orchestration.runner import run_planned
+from lab_assets.orchestration.sweep import FRESH, MISSING, STALE, assess, plan_sweep, reconcile
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR, patched_env
-from resources.storage import LocalArtifactStore
+from resources.storage.base import LocalArtifactStore
 
 EDITED = "tiny-test|dpo-arith-r4-s1"
 
@@ -42,7 +42,6 @@ def lab_copy(small_lab, tmp_path):
     }
     with patched_env(env), DagsterInstance.get() as instance:
         yield {"root": root, "env": env, "instance": instance, "tmp": tmp_path}
-    use_experiment(load_experiment(SMALL_EXPERIMENT))
 
 
 def edited_experiment(tmp_path, old: str, new: str, name="edited.yaml"):
@@ -70,10 +69,9 @@ def counts(instance):
 
 
 def sweep(exp, instance, store):
-    use_experiment(exp)
     plan = plan_sweep(exp, assess(exp, instance, store))
     for p in plan:
-        run_planned(instance, p)
+        run_planned(instance, exp, p)
     return plan
 
 
@@ -139,7 +137,7 @@ def test_editing_one_learning_rate_rematerialises_exactly_its_lineage(lab_copy):
 
 
 def test_spectral_code_version_stales_features_not_adapters(lab_copy, monkeypatch):
-    import lab_assets.versions as versions
+    import lab_assets.experiment.versions as versions
 
     exp, instance = load_experiment(SMALL_EXPERIMENT), lab_copy["instance"]
     monkeypatch.setitem(versions.CODE_VERSIONS, "spectral_features", "2")
@@ -241,7 +239,7 @@ def test_schedule_and_reconcile_sensor_evaluate(lab_copy, tmp_path):
 
 
 def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
-    from lab_assets.schedules import set_gpu_pool_limit
+    from lab_assets.orchestration.instance import set_gpu_pool_limit
 
     exp = edited_experiment(
         tmp_path,
@@ -252,8 +250,8 @@ def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
     with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
         set_gpu_pool_limit(instance, exp)
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
-    from lab_assets.assets import build_assets
-    from lab_assets.partitions import build_partitions
+    from lab_assets.defs.assets import build_assets
+    from lab_assets.defs.partitions import build_partitions
 
     adapter = next(a for a in build_assets(exp, build_partitions(exp)) if a.key.path == ["adapter"])
     assert adapter.op.pool == "gpu"

@@ -15,8 +15,8 @@ from typing import Any
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 from pydantic import PrivateAttr
 
-from resources.gce import launch_info
-from resources.storage import ArtifactStore, open_store
+from resources.remote import launch_info
+from resources.storage.base import ArtifactStore, open_store
 
 # Output metadata under this prefix is also written into the partition's manifest.
 MANIFEST_METADATA_PREFIX = "lab/"

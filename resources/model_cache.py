@@ -6,7 +6,7 @@ Tiers, nearest first:
    ``<local_dir>/<org>--<name>/<revision>/``;
 2. **gcs**: a shared cache in a bucket, ``<gcs_uri>/<repo_id>/<revision>/`` with its
    own ``manifest.json`` (files, sizes, sha256), written with the artifact store's safe
-   protocol (``resources.gcs_store``), so every VM of a project downloads a model from
+   protocol (``resources.storage.gcs.store``), so every VM of a project downloads a model from
    the Hub at most once;
 3. **hub**: the Hugging Face Hub at the pinned revision (``snapshot_download``).
 
@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
-from resources.storage import StorageError, sha256_file
+from resources.storage.base import StorageError, sha256_file
 
 if TYPE_CHECKING:
-    from resources.gcs_store import GCSManifestDir
+    from resources.storage.gcs.store import GCSManifestDir
 
 # What a causal LM needs; never pickles (*.bin) or other frameworks' weights.
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -191,8 +191,8 @@ class ModelCache(ConfigurableResource):
         """The GCS-tier location of a snapshot, or None without a GCS tier."""
         if not self.gcs_uri:
             return None
-        from resources.gcs_client import parse_gs_uri
-        from resources.gcs_store import GCSManifestDir, GCSSession
+        from resources.storage.gcs.client import parse_gs_uri
+        from resources.storage.gcs.store import GCSManifestDir, GCSSession
 
         if self._session is None:
             self._session = GCSSession()

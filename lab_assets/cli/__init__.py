@@ -1,0 +1,1 @@
+"""The `lab` console script: one argparse tree (``main``), one module per command group."""

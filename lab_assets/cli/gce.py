@@ -1,0 +1,295 @@
+"""`lab launch`, `lab vms`, `lab image`: the GCE side of the `lab` console script.
+
+- `lab launch --asset adapter --partition KEY [--zone Z] [--machine-type M] [--gpu-type G]
+  [--keep-vm] [--dry-run]`: materialise one partition on a GCE VM through Dagster;
+  with `--dry-run`, print (JSON, the Compute API's camelCase field names) the exact
+  body `instances.insert` would get, touching neither Compute Engine nor GCS.
+- `lab vms list` / `lab vms reap [--dry-run] [--max-age-h H]`: the experiment's lab
+  VMs, and deleting those whose Dagster run has ended, kept ones past their time,
+  and those older than the limit.
+- `lab image build [--no-require-cuda] [--health-model REPO[@REV]]`,
+  `lab image teardown [--archive gs://...]`, `lab image import gs://.../X.tar.gz`:
+  the pre-baked image (see resources/compute/gce/images.py).
+
+Every command takes `--experiment FILE` (default `$LAB_EXPERIMENT`); the experiment's
+compute must be `gce`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from lab_assets.defs.resources import gce_compute, gce_settings
+from lab_assets.experiment.load import load_experiment
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.schema import ExperimentError, HubSource
+
+GCE_COMMANDS = ("launch", "vms", "image")
+# Assets whose step runs through the step launcher (the rest run in the plan process).
+LAUNCHED_ASSETS = {"adapter": "adapters_job"}
+DRY_RUN_ID = "dry-run"
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "zone", None):
+        out["zone"] = args.zone
+    if getattr(args, "machine_type", None):
+        out["machine_type_override"] = args.machine_type
+    if getattr(args, "gpu_type", None):
+        out["gpu_type_override"] = args.gpu_type
+    if getattr(args, "keep_vm", False):
+        out["keep_vm"] = True
+    return out
+
+
+def _check_target(exp: Experiment, asset: str, partition: str) -> None:
+    if asset not in LAUNCHED_ASSETS:
+        raise ExperimentError(
+            f"{asset!r} does not run through the step launcher; GCE runs: "
+            f"{', '.join(LAUNCHED_ASSETS)}"
+        )
+    from lab_assets.experiment.keys import split_adapter_key
+
+    try:
+        model_id, run_id = split_adapter_key(partition)
+        exp.model(model_id)
+        exp.run(run_id)
+    except (KeyError, ValueError) as e:
+        raise ExperimentError(f"{partition!r} is not a partition of {asset}: {e}") from None
+
+
+def dry_run_body(exp: Experiment, asset: str, partition: str, **overrides: Any) -> dict:
+    """The instances.insert body a launch of (asset, partition) would send, without any API call.
+
+    The image is given as its family (``.../global/images/family/F``, which the API
+    accepts); a real launch resolves the family's newest image with
+    ``images.getFromFamily`` and falls back to the Deep Learning VM family.
+    """
+    from resources.compute.gce.costs import PriceMissing
+    from resources.compute.gce.launcher import build_vm_spec, safe_step_key
+    from resources.compute.gce.vm_spec import build_instance, instance_json, vm_name
+
+    _check_target(exp, asset, partition)
+    s = gce_settings(exp, **overrides)
+    placement = s.placements()[0]
+    try:
+        price: float | None = s.price(placement)
+    except PriceMissing:
+        price = None
+    name = vm_name(exp.name, DRY_RUN_ID, asset, 1)
+    spec = build_vm_spec(
+        s,
+        placement=placement,
+        name=name,
+        source_image=f"projects/{s.image_project or s.project}/global/images/family/{s.image_family}",
+        prebaked=True,
+        launch_uri=f"{s.staging}/_launches/{DRY_RUN_ID}/{safe_step_key(asset)}",
+        attempt=1,
+        run_id=DRY_RUN_ID,
+        step_key=asset,
+        partition=partition,
+        launch_info={
+            "vm_name": name,
+            "zone": placement.zone,
+            "machine_type": placement.machine_type,
+            "gpu_type": placement.gpu_type,
+            "gpu_count": placement.gpu_count,
+            "spot": s.spot,
+            "hourly_usd": price,
+            "preemptions": 0,
+            "previous_vm_seconds": 0.0,
+            "previous_cost_usd": 0.0,
+            "vm_started_at": 0.0,
+        },
+    )
+    return json.loads(instance_json(build_instance(spec)))
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment)
+    gce_compute(exp)
+    if args.dry_run:
+        body = dry_run_body(exp, args.asset, args.partition, **_overrides(args))
+        print(json.dumps(body, indent=2))
+        return 0
+    _check_target(exp, args.asset, args.partition)
+    from dagster import DagsterInstance
+
+    from lab_assets.orchestration.instance import ensure_dagster_home
+    from lab_assets.orchestration.runner import PlannedRun, RunFailed, run_planned
+
+    ensure_dagster_home()
+    run_config: dict[str, Any] = {}
+    if overrides := _overrides(args):
+        run_config = {"resources": {"step_launcher": {"config": overrides}}}
+    planned = PlannedRun(
+        LAUNCHED_ASSETS[args.asset],
+        args.partition,
+        f"{args.asset} [{args.partition}]",
+        (args.asset,),
+    )
+    with DagsterInstance.get() as instance:
+        try:
+            outcome = run_planned(instance, exp, planned, run_config=run_config or None)
+        except RunFailed as e:
+            print(f"FAILED: {e}", file=sys.stderr)
+            return 1
+    print(f"{planned.label}: run {outcome.run_id} succeeded in {outcome.seconds:.1f} s")
+    return 0
+
+
+def _api(exp: Experiment):
+    from resources.compute.gce.api import ComputeApi
+
+    return ComputeApi(gce_compute(exp).project)
+
+
+def _verdicts(exp: Experiment, max_age_s: float):
+    from dagster import DagsterInstance
+
+    from lab_assets.orchestration.instance import ensure_dagster_home
+    from resources.compute.gce.reaper import dagster_run_status, judge, list_lab_vms
+
+    ensure_dagster_home()
+    api = _api(exp)
+    with DagsterInstance.get() as instance:
+        status = dagster_run_status(instance)
+        return api, [judge(vm, status, max_age_s) for vm in list_lab_vms(api, exp.name)]
+
+
+def _cmd_vms(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment)
+    c = gce_compute(exp)
+    hours = getattr(args, "max_age_h", None)
+    max_age = hours * 3600 if hours is not None else c.reap_after
+    api, verdicts = _verdicts(exp, max_age)
+    if args.vms_cmd == "list":
+        now = time.time()
+        print(f"{'name':40s} {'zone':16s} {'status':11s} {'age':>7s} {'run status':11s} verdict")
+        for v in verdicts:
+            print(
+                f"{v.vm.name:40s} {v.vm.zone:16s} {v.vm.status:11s} "
+                f"{v.vm.age_s(now) / 3600:6.2f}h {v.run_status or '?':11s} "
+                f"{'REAP: ' if v.reap else 'keep: '}{v.reason}"
+            )
+        print(f"{len(verdicts)} lab VM(s) of {exp.name} in {c.project}")
+        return 0
+    from resources.compute.gce.reaper import reap
+
+    done = reap(api, verdicts, dry_run=args.dry_run, log=print)
+    print(f"{'would delete' if args.dry_run else 'deleted'} {len(done)} of {len(verdicts)} VM(s)")
+    return 0
+
+
+def image_manager(exp: Experiment, **changes: Any):
+    from resources.compute.gce.gcs import Gcs
+    from resources.compute.gce.images import ImageManager
+
+    s = gce_settings(exp)
+    return ImageManager(
+        api=_api(exp),
+        gcs=Gcs(),
+        project=s.image_project or s.project,
+        family=s.image_family,
+        staging=s.staging,
+        placements=s.placements(),
+        base_image=f"projects/{s.fallback_image_project}/global/images/family/"
+        f"{s.fallback_image_family}",
+        boot_disk_gb=s.boot_disk_gb,
+        service_account=s.service_account,
+        **changes,
+    )
+
+
+def _health_model(exp: Experiment, arg: str | None) -> tuple[str | None, str | None]:
+    if arg:
+        repo, _, rev = arg.partition("@")
+        return repo, rev or None
+    for m in exp.file.base_models:
+        if isinstance(m.source, HubSource):
+            return m.source.repo_id, m.source.revision
+    return None, None
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment)
+    gce_compute(exp)
+    mgr = image_manager(exp)
+    if args.image_cmd == "build":
+        model, rev = _health_model(exp, args.health_model)
+        name = mgr.build(
+            require_cuda=not args.no_require_cuda,
+            health_model=model,
+            health_revision=rev,
+            import_modules=("lab_assets", "resources"),
+        )
+        print(f"built image {name} in family {mgr.family}")
+    elif args.image_cmd == "teardown":
+        uri = mgr.teardown(args.archive)
+        print(f"archived to {uri}; restore with: lab image import {uri}")
+    else:
+        name = mgr.import_(args.archive, name=args.name)
+        print(f"restored image {name} into family {mgr.family}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT)")
+        return p
+
+    p = common(sub.add_parser("launch", help="materialise one partition on a GCE VM"))
+    p.add_argument("--asset", required=True, help="asset to materialise, e.g. adapter")
+    p.add_argument("--partition", required=True, help="partition key, e.g. 'tiny-llama|sft-…'")
+    p.add_argument("--zone", help="this zone only (else $LAB_GCE_ZONE, else the experiment's)")
+    p.add_argument("--machine-type", help="override the machine type ($LAB_GCE_MACHINE_TYPE)")
+    p.add_argument("--gpu-type", help="override the GPU type ($LAB_GCE_GPU_TYPE)")
+    p.add_argument("--keep-vm", action="store_true", help="leave the VM running afterwards")
+    p.add_argument("--dry-run", action="store_true", help="print the instances.insert body")
+    p.set_defaults(fn=_cmd_launch)
+
+    p = sub.add_parser("vms", help="list or reap the experiment's lab VMs")
+    vsub = p.add_subparsers(dest="vms_cmd", required=True)
+    common(vsub.add_parser("list", help="every lab VM of the experiment, with a verdict"))
+    r = common(vsub.add_parser("reap", help="delete VMs whose run ended or that are too old"))
+    r.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    r.add_argument("--max-age-h", type=float, help="age limit (default: compute.reap_after_s)")
+    p.set_defaults(fn=_cmd_vms)
+
+    p = sub.add_parser("image", help="build, archive (teardown) or restore the VM image")
+    isub = p.add_subparsers(dest="image_cmd", required=True)
+    b = common(isub.add_parser("build", help="temporary VM -> bootstrap -> health check -> image"))
+    b.add_argument("--no-require-cuda", action="store_true", help="accept a VM without CUDA")
+    b.add_argument("--health-model", help="REPO[@REV] to load in the health check")
+    t = common(isub.add_parser("teardown", help="archive the family's image to GCS, delete it"))
+    t.add_argument("--archive", help="gs://.../NAME.tar.gz (default under the staging root)")
+    i = common(isub.add_parser("import", help="restore an archived image into the family"))
+    i.add_argument("archive", help="gs://.../NAME.tar.gz written by teardown")
+    i.add_argument("--name", help="image name (default: the archived image's)")
+    p.set_defaults(fn=_cmd_image)
+    return parser
+
+
+def gce_main(argv: list[str]) -> int:
+    """`lab launch|vms|image ...` (argv includes the command name)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ExperimentError, ValueError) as e:
+        print(f"lab: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from resources.compute.gce.errors import GceApiError
+
+        if isinstance(e, GceApiError):
+            print(f"lab: Compute API: {e}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,1 @@
+"""The experiment as Dagster definitions: one Dagster concept per module."""

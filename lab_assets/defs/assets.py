@@ -1,0 +1,319 @@
+"""The experiment's asset graph, built from one experiment file.
+
+    base_model[model] ─► base_spectrum[model] ──────────────┐
+          │                                                 ▼
+          └──────────► adapter[model × run] ─► spectral_features[model × run] ─► classification_results
+
+Every asset writes real files into a scratch directory and returns it; the IO
+manager commits it to storage with a manifest, then the asset's integrity check
+re-reads what was stored. Adapter training runs through the step launcher, so the
+same code runs in a local worker or on a GCE VM.
+"""
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    BetaWarning,
+    DataVersion,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    Output,
+    asset,
+)
+
+from lab_assets.defs.metadata import line_plot_png, markdown_table, png_markdown
+from lab_assets.defs.partitions import LabPartitions
+from lab_assets.defs.scratch import output_dir
+from lab_assets.experiment.keys import split_adapter_key
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.schema import TinySource
+from lab_assets.experiment.versions import CODE_VERSIONS, recipe, ref, upstream
+from lab_assets.names import GPU_POOL
+from resources.io_manager import LabStorage
+from resources.model_cache import ModelCache
+from resources.remote.checkpointing import preemptible_training
+
+GROUP = "task_geometry"
+BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
+FEATURES_FILE = "features.parquet"
+
+
+def _integrity_check(storage: LabStorage, asset_name: str, partition: str | None):
+    problems = storage.store.verify(asset_name, partition)
+    return AssetCheckResult(
+        check_name="manifest_intact",
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
+    )
+
+
+def _check(name: str) -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec(
+            "manifest_intact",
+            asset=name,
+            description="every stored file matches the partition manifest (size and sha256)",
+        )
+    ]
+
+
+def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition]:
+    def stored(storage: LabStorage, asset_name: str, partition: str | None, out, meta: dict):
+        """The output with its recipe, built from the fingerprints of the inputs it read."""
+        inputs = {}
+        for a, q in upstream(exp, asset_name, partition):
+            m = storage.store.read_manifest(a, q)
+            inputs[ref(a, q)] = m.metadata.get("fingerprint", "unrecorded") if m else "missing"
+        r = recipe(exp, asset_name, partition, inputs)
+        meta = {**meta, "lab/fingerprint": r.fingerprint, "lab/recipe": r.to_dict()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BetaWarning)  # data_version= is beta in 1.13
+            return Output(out, metadata=meta, data_version=DataVersion(r.fingerprint))
+
+    with warnings.catch_warnings():
+        # Beta in 1.13, and the documented way to map model × run onto model.
+        warnings.simplefilter("ignore", BetaWarning)
+        by_model = MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+
+    @asset(
+        partitions_def=parts.models,
+        group_name=GROUP,
+        code_version=CODE_VERSIONS["base_model"],
+        check_specs=_check("base_model"),
+        kinds={"pytorch"},
+        description="Base model weights + tokenizer in Hugging Face layout (safetensors).",
+    )
+    def base_model(
+        context: AssetExecutionContext, lab_storage: LabStorage, model_cache: ModelCache
+    ):
+        model_id = context.partition_key
+        spec = exp.model(model_id)
+        meta: dict = {
+            "lab/fingerprint": exp.model_fingerprint(model_id),
+            "source": spec.source.kind,
+        }
+        with output_dir("base_model") as out:
+            if isinstance(spec.source, TinySource):
+                from lab_assets.ml.tiny_model import TinyModelSpec, build_tiny_model
+
+                src = spec.source.model_dump(exclude={"kind"})
+                metrics = build_tiny_model(out, TinyModelSpec(**src), log=context.log.info)
+                meta |= {
+                    "n_params": metrics["n_params"],
+                    "pretrain_first_loss": metrics["first_loss"],
+                    "pretrain_final_loss": metrics["final_loss"],
+                    "pretrain_wall_s": metrics["wall_s"],
+                    "pretrain_loss_curve": png_markdown(
+                        line_plot_png(metrics["loss_curve"], f"{model_id} pre-training", "loss"),
+                        "pre-training loss",
+                    ),
+                }
+            else:
+                fetched = model_cache.fetch(
+                    spec.source.repo_id, spec.source.revision, log=context.log.info
+                )
+                shutil.copytree(fetched.path, out, dirs_exist_ok=True)
+                meta |= {
+                    "repo_id": spec.source.repo_id,
+                    "revision": spec.source.revision,
+                    "cache_tier": fetched.tier,
+                    "fetch_seconds": round(fetched.seconds, 3),
+                    "cache_tiers_skipped": "; ".join(fetched.skipped) or "none",
+                }
+        yield stored(lab_storage, "base_model", model_id, out, meta)
+        yield _integrity_check(lab_storage, "base_model", model_id)
+
+    @asset(
+        partitions_def=parts.models,
+        group_name=GROUP,
+        code_version=CODE_VERSIONS["base_spectrum"],
+        check_specs=_check("base_spectrum"),
+        description="Top-k singular triplets of every targeted base weight matrix.",
+    )
+    def base_spectrum(context: AssetExecutionContext, lab_storage: LabStorage, base_model: Path):
+        from lab_assets.ml.spectral import compute_base_spectrum, save_base_spectrum
+
+        k = exp.file.spectrum.top_k
+        t0 = time.perf_counter()
+        spectra = compute_base_spectrum(base_model, exp.target_modules(), k)
+        seconds = time.perf_counter() - t0
+        with output_dir("base_spectrum") as out:
+            save_base_spectrum(spectra, out / BASE_SPECTRUM_FILE)
+        rows = [(name, float(s.S[0]), len(s.S)) for name, s in list(spectra.items())[:50]]
+        meta = {
+            "modules": len(spectra),
+            "top_k": k,
+            "seconds": round(seconds, 3),
+            "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
+        }
+        yield stored(lab_storage, "base_spectrum", context.partition_key, out, meta)
+        yield _integrity_check(lab_storage, "base_spectrum", context.partition_key)
+
+    @asset(
+        partitions_def=parts.adapters,
+        group_name=GROUP,
+        code_version=CODE_VERSIONS["adapter"],
+        check_specs=_check("adapter"),
+        ins={"base_model": AssetIn(partition_mapping=by_model)},
+        required_resource_keys={"step_launcher", "lab_storage"},
+        pool=GPU_POOL,
+        kinds={"pytorch"},
+        description="One LoRA training run (lora_sft or dpo) in PEFT layout.",
+    )
+    def adapter(context: AssetExecutionContext, base_model: Path):
+        from lab_assets.ml.train import TrainSpec, train_adapter
+
+        model_id, run_id = split_adapter_key(context.partition_key)
+        run = exp.run(run_id)
+        spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
+        context.log.info(f"training {run_id} on {model_id}: {spec}")
+        with output_dir("adapter") as out:
+            result = train_adapter(
+                base_model, out, spec, log=context.log.info, **preemptible_training()
+            )
+        curve = [float(x) for x in result.loss_curve]
+        meta = {
+            "method": run.method,
+            "task": run.task,
+            "seed": run.seed,
+            "first_loss": float(result.first_loss),
+            "final_loss": float(result.final_loss),
+            "steps": int(result.steps),
+            "wall_s": round(float(result.wall_s), 3),
+            "trainable_params": int(result.trainable_params),
+            "device": result.device,
+            "precision": result.precision,
+            "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
+        }
+        yield stored(context.resources.lab_storage, "adapter", context.partition_key, out, meta)
+        yield _integrity_check(context.resources.lab_storage, "adapter", context.partition_key)
+
+    @asset(
+        partitions_def=parts.adapters,
+        group_name=GROUP,
+        code_version=CODE_VERSIONS["spectral_features"],
+        check_specs=_check("spectral_features"),
+        ins={
+            "adapter": AssetIn(),
+            "base_spectrum": AssetIn(partition_mapping=by_model),
+            "base_model": AssetIn(partition_mapping=by_model),
+        },
+        kinds={"pandas", "parquet"},
+        description="Per-module spectral features of ΔW = scale·B@A and of its relation to the base.",
+    )
+    def spectral_features(
+        context: AssetExecutionContext,
+        lab_storage: LabStorage,
+        adapter: Path,
+        base_spectrum: Path,
+        base_model: Path,
+    ):
+        from lab_assets.ml.spectral import adapter_spectrum, load_base_spectrum
+
+        model_id, run_id = split_adapter_key(context.partition_key)
+        run = exp.run(run_id)
+        t0 = time.perf_counter()
+        spectra = load_base_spectrum(base_spectrum / BASE_SPECTRUM_FILE)
+        df = adapter_spectrum(
+            adapter, base_dir=base_model, base_spectrum=spectra, top_k=exp.file.spectrum.top_k
+        )
+        df.insert(1, "model", model_id)
+        df.insert(2, "run", run_id)
+        df.insert(3, "method", run.method)
+        df.insert(4, "task", run.task)
+        df.insert(5, "seed", run.seed)
+        seconds = time.perf_counter() - t0
+        with output_dir("spectral_features") as out:
+            df.to_parquet(out / FEATURES_FILE, index=False)
+        preview_cols = [
+            c
+            for c in (
+                "module",
+                "spectral_norm",
+                "stable_rank",
+                "effective_rank",
+                "subspace_overlap",
+                "intruder_dims",
+            )
+            if c in df.columns
+        ]
+        meta = {
+            "modules": len(df),
+            "seconds": round(seconds, 4),
+            "mean_stable_rank": float(df["stable_rank"].mean()),
+            "max_spectral_norm": float(df["spectral_norm"].max()),
+            "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
+        }
+        yield stored(lab_storage, "spectral_features", context.partition_key, out, meta)
+        yield _integrity_check(lab_storage, "spectral_features", context.partition_key)
+
+    @asset(
+        group_name=GROUP,
+        code_version=CODE_VERSIONS["classification_results"],
+        check_specs=_check("classification_results"),
+        ins={"spectral_features": AssetIn()},
+        kinds={"scikitlearn"},
+        description="Method and task classified from spectral features, with grouped CV.",
+    )
+    def classification_results(
+        context: AssetExecutionContext,
+        lab_storage: LabStorage,
+        spectral_features: dict[str, Path],
+    ):
+        from lab_assets.ml.classify import classify, feature_matrix, plot_report, report_to_dict
+
+        frames = {
+            key: pd.read_parquet(path / FEATURES_FILE)
+            for key, path in sorted(spectral_features.items())
+        }
+        X = feature_matrix(frames)
+        labels = pd.DataFrame([_labels(exp, key) for key in X.index], index=X.index)
+        n_perm = exp.file.classification.n_permutations
+        reports = {
+            target: classify(X, labels[target], groups=labels["group"], n_permutations=n_perm)
+            for target in ("method", "task")
+        }
+        meta: dict = {"adapters": len(X), "features": X.shape[1]}
+        with output_dir("classification_results") as out:
+            plot_report(reports, out / "classification.png")
+            results = {t: report_to_dict(r) for t, r in reports.items()}
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+            X.assign(**{c: labels[c] for c in ("method", "task", "group")}).to_parquet(
+                out / "feature_matrix.parquet"
+            )
+            meta["plot"] = png_markdown(out / "classification.png", "confusion matrices")
+        for target, res in results.items():
+            for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high", "model"):
+                if k in res:
+                    v = res[k]
+                    meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
+            meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}"
+            meta[f"{target}_top_features"] = markdown_table(
+                ["feature", "importance"], res["top_features"][:10]
+            )
+            meta[f"{target}_confusion"] = markdown_table(
+                ["true \\ pred", *res["labels"]],
+                [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
+            )
+        yield stored(lab_storage, "classification_results", None, out, meta)
+        yield _integrity_check(lab_storage, "classification_results", None)
+
+    return [base_model, base_spectrum, adapter, spectral_features, classification_results]
+
+
+def _labels(exp: Experiment, key: str) -> dict:
+    model_id, run_id = split_adapter_key(key)
+    run = exp.run(run_id)
+    return {"method": run.method, "task": run.task, "group": f"{model_id}/s{run.seed}"}

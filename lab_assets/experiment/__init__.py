@@ -1,0 +1,1 @@
+"""The experiment file: its schema, loading, and everything derived from it (no Dagster)."""

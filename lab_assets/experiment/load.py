@@ -1,0 +1,91 @@
+"""Finding, reading and validating an experiment file.
+
+Which file: ``--experiment PATH``, else ``$LAB_EXPERIMENT``, else
+``./experiments/tiny.yaml`` relative to the current directory. The storage root is
+the file's ``storage`` (relative to the file), overridden by ``$LAB_STORAGE_ROOT``
+(relative to the current directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from lab_assets.experiment.resolved import Experiment, expand_runs
+from lab_assets.experiment.schema import ExperimentError, ExperimentFile
+
+EXPERIMENT_ENV = "LAB_EXPERIMENT"
+STORAGE_ENV = "LAB_STORAGE_ROOT"
+DEFAULT_EXPERIMENT = Path("experiments") / "tiny.yaml"  # relative to the current directory
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{path}: {loc}: {msg}")
+    return "invalid experiment file\n  " + "\n  ".join(lines)
+
+
+def resolve_storage_root(raw: str, relative_to: Path) -> str:
+    """A `gs://` URI as is; a local path made absolute (relative to `relative_to`)."""
+    if raw.startswith("gs://"):
+        if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?", raw):
+            raise ExperimentError(f"storage root {raw!r} is not a valid gs://bucket/prefix URI")
+        return raw.rstrip("/")
+    if "://" in raw:
+        raise ExperimentError(f"storage root {raw!r}: only local paths and gs:// are supported")
+    p = Path(raw).expanduser()
+    return str((p if p.is_absolute() else relative_to / p).resolve())
+
+
+def experiment_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The experiment file to use: `path`, else `$LAB_EXPERIMENT`, else ./experiments/tiny.yaml."""
+    if path is not None:
+        p, source = Path(path), "--experiment"
+    elif os.environ.get(EXPERIMENT_ENV):
+        p, source = Path(os.environ[EXPERIMENT_ENV]), f"${EXPERIMENT_ENV}"
+    else:
+        p, source = DEFAULT_EXPERIMENT, "the default, relative to the current directory"
+    p = p.expanduser().resolve()
+    if not p.is_file():
+        raise ExperimentError(
+            f"{p}: experiment file not found (from {source}); run from the lab's checkout, "
+            f"or choose a file with --experiment PATH or ${EXPERIMENT_ENV}=PATH"
+        )
+    return p
+
+
+def load_experiment(path: str | os.PathLike[str] | None = None) -> Experiment:
+    """Find (see `experiment_path`), read and validate an experiment file."""
+    p = experiment_path(path)
+    override = os.environ.get(STORAGE_ENV)
+    storage_root = resolve_storage_root(override, Path.cwd()) if override else None
+    return parse_experiment(p.read_text(), p, storage_root)
+
+
+def parse_experiment(text: str, path: Path, storage_root: str | None = None) -> Experiment:
+    """Validate an experiment document; `storage_root`, if given, overrides the file's `storage`.
+
+    `path` names the file in errors and anchors a relative `storage`; the text need not
+    be read from it (a step on a VM rebuilds the experiment from the text it was sent).
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ExperimentError(f"{path}: the top level must be a mapping of fields")
+    try:
+        f = ExperimentFile.model_validate(doc)
+    except ValidationError as e:
+        raise ExperimentError(_format_validation_error(path, e)) from None
+    root = storage_root or resolve_storage_root(f.storage, path.parent)
+    return Experiment(path=path, text=text, file=f, storage_root=root, runs=expand_runs(f, path))

@@ -1,0 +1,124 @@
+"""What each partition should be built from: recipes, fingerprints and staleness reasons.
+
+A partition's *recipe* is its asset's code version, a digest of exactly the config
+that shapes it (its run's hyper-parameters and task generator, its base model's
+source, the spectrum or classification settings) and the fingerprints of the
+upstream partitions it reads. Its *fingerprint* is the digest of the recipe. So a
+change anywhere propagates down the graph by construction: edit one run's
+learning rate and that adapter, its spectral features and the classification get
+new fingerprints, nothing else does; bump the spectral code version and every
+`spectral_features` partition (and the classification) does, no adapter does.
+
+The fingerprint is recorded as the partition's Dagster data version and, with the
+recipe, in its storage manifest. Comparing recorded against expected is how the
+sweep decides what is stale and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lab_assets.experiment.keys import adapter_key
+from lab_assets.experiment.resolved import Experiment, digest
+from lab_assets.ml.tasks import TASK_GENERATOR_VERSION
+
+# Bump an asset's version when its code changes what it produces.
+CODE_VERSIONS = {
+    "base_model": "1",
+    "base_spectrum": "1",
+    "adapter": "1",
+    "spectral_features": "1",
+    "classification_results": "1",
+}
+ASSET_ORDER = tuple(CODE_VERSIONS)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    code: str
+    config: str
+    inputs: dict[str, str]  # "asset[partition]" -> fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        return digest({"code": self.code, "config": self.config, "inputs": self.inputs})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "config": self.config, "inputs": dict(self.inputs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(str(d["code"]), str(d["config"]), dict(d.get("inputs") or {}))
+
+    def differences(self, recorded: Recipe) -> list[str]:
+        """Why `recorded` (what was built) is not this recipe (what should be built)."""
+        why = []
+        if recorded.code != self.code:
+            why.append(f"code version {recorded.code} -> {self.code}")
+        if recorded.config != self.config:
+            why.append("config changed")
+        for name, fp in sorted(self.inputs.items()):
+            if recorded.inputs.get(name) != fp:
+                why.append(f"input {name} changed")
+        for name in sorted(set(recorded.inputs) - set(self.inputs)):
+            why.append(f"input {name} removed")
+        return why
+
+
+def ref(asset: str, partition: str | None) -> str:
+    return f"{asset}[{partition}]" if partition is not None else asset
+
+
+def config_digest(exp: Experiment, asset: str, partition: str | None) -> str:
+    """Digest of exactly the config that shapes this partition."""
+    if asset == "base_model":
+        return exp.model_fingerprint(partition)
+    if asset == "base_spectrum":
+        return digest({"top_k": exp.file.spectrum.top_k, "targets": exp.target_modules()})
+    if asset == "adapter":
+        run = exp.run(partition.split("|", 1)[1])
+        return digest({"run": run.fingerprint(), "task_generator": TASK_GENERATOR_VERSION})
+    if asset == "spectral_features":
+        return digest(exp.file.spectrum.model_dump(mode="json"))
+    if asset == "classification_results":
+        return digest(exp.file.classification.model_dump(mode="json"))
+    raise KeyError(asset)
+
+
+def upstream(exp: Experiment, asset: str, partition: str | None) -> list[tuple[str, str | None]]:
+    """The partitions this partition reads."""
+    if asset == "base_model":
+        return []
+    if asset == "base_spectrum":
+        return [("base_model", partition)]
+    model = partition.split("|", 1)[0] if partition else None
+    if asset == "adapter":
+        return [("base_model", model)]
+    if asset == "spectral_features":
+        return [("adapter", partition), ("base_spectrum", model), ("base_model", model)]
+    if asset == "classification_results":
+        return [("spectral_features", k) for k in all_partitions(exp, "spectral_features")]
+    raise KeyError(asset)
+
+
+def all_partitions(exp: Experiment, asset: str) -> list[str | None]:
+    if asset in ("base_model", "base_spectrum"):
+        return list(exp.model_ids)
+    if asset in ("adapter", "spectral_features"):
+        return [str(adapter_key(m, r)) for m in exp.model_ids for r in exp.run_ids]
+    return [None]
+
+
+def recipe(exp: Experiment, asset: str, partition: str | None, inputs: dict[str, str]) -> Recipe:
+    return Recipe(CODE_VERSIONS[asset], config_digest(exp, asset, partition), inputs)
+
+
+def expected_recipes(exp: Experiment) -> dict[tuple[str, str | None], Recipe]:
+    """The recipe every partition of the experiment should have, upstream first."""
+    out: dict[tuple[str, str | None], Recipe] = {}
+    for asset in ASSET_ORDER:
+        for p in all_partitions(exp, asset):
+            inputs = {ref(a, q): out[(a, q)].fingerprint for a, q in upstream(exp, asset, p)}
+            out[(asset, p)] = recipe(exp, asset, p, inputs)
+    return out

@@ -1,0 +1,34 @@
+"""Names shared across the lab: assets, jobs, pools, sensors and tag keys (a leaf module).
+
+Everything that refers to a job or a pool by name imports it from here, so nothing
+needs the module that assembles the definitions.
+"""
+
+from __future__ import annotations
+
+# Assets, upstream first.
+BASE_MODEL = "base_model"
+BASE_SPECTRUM = "base_spectrum"
+ADAPTER = "adapter"
+SPECTRAL_FEATURES = "spectral_features"
+CLASSIFICATION = "classification_results"
+ASSET_GROUP = "task_geometry"
+
+# Jobs.
+BASE_MODELS_JOB = "base_models_job"
+ADAPTERS_JOB = "adapters_job"
+CLASSIFICATION_JOB = "classification_job"
+SWEEP_JOB = "sweep_job"
+
+# Schedules and sensors.
+SWEEP_SCHEDULE = "sweep_schedule"
+RECONCILE_SENSOR = "reconcile_from_storage"
+REAPER_SENSOR = "gce_vm_reaper"
+
+# Pools: GPU steps claim a slot of `gpu` (its limit is the experiment's GPU quota).
+GPU_POOL = "gpu"
+
+# Run tags.
+REASON_TAG = "lab/reason"
+SWEEP_RUNS_TAG = "lab/sweep_runs"
+SWEEP_PLAN_TAG = "lab/sweep_plan"

@@ -1,0 +1,1 @@
+"""Driving Dagster from outside a run: planning, launching and watching runs."""

@@ -1,0 +1,150 @@
+"""Materialise a whole experiment through Dagster, partition by partition, in order.
+
+Base models first (with their spectra), then each adapter with its spectral
+features, then the classification. Each is a real Dagster run on the given
+instance, so `dagster dev` on the same ``DAGSTER_HOME`` shows every run, its
+events and its materialisations. Runs go through the reconstructable code
+location, which is what lets the step launcher run a step in another process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dagster import AssetKey, DagsterInstance, build_reconstructable_job, execute_job
+from dagster._core.definitions.reconstruct import ReconstructableJob
+
+from lab_assets.experiment.keys import adapter_key
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.names import ADAPTERS_JOB, BASE_MODELS_JOB, CLASSIFICATION_JOB, REASON_TAG
+
+# The job of an experiment is rebuilt in every process that runs one of its steps
+# (a local worker, a VM) from the experiment's text: see `definitions.experiment_job`.
+DEFINITIONS_MODULE = "lab_assets.definitions"
+JOB_RECONSTRUCTOR = "experiment_job"
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    job: str
+    partition: str | None
+    label: str
+    assets: tuple[str, ...] | None = None  # a subset of the job's assets; None: all of them
+    reason: str = ""  # why the run was planned (a sweep says missing / what changed)
+
+
+@dataclass
+class RunOutcome:
+    planned: PlannedRun
+    run_id: str
+    success: bool
+    seconds: float
+
+
+@dataclass
+class ExperimentRunSummary:
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if not o.success]
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, outcome: RunOutcome, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def plan_experiment(exp: Experiment, models: Iterable[str] | None = None) -> list[PlannedRun]:
+    """Every run needed to materialise the experiment, in dependency order."""
+    model_ids = list(models) if models is not None else exp.model_ids
+    plan = [PlannedRun(BASE_MODELS_JOB, m, f"base_model+base_spectrum [{m}]") for m in model_ids]
+    plan += [
+        PlannedRun(ADAPTERS_JOB, str(adapter_key(m, r)), f"adapter+spectral_features [{m}|{r}]")
+        for m in model_ids
+        for r in exp.run_ids
+    ]
+    plan.append(PlannedRun(CLASSIFICATION_JOB, None, "classification_results"))
+    return plan
+
+
+def reconstructable_job(exp: Experiment, job: str) -> ReconstructableJob:
+    """`job` of `exp`, as a pointer any process can rebuild (the experiment travels as text)."""
+    return build_reconstructable_job(
+        DEFINITIONS_MODULE,
+        JOB_RECONSTRUCTOR,
+        reconstructable_args=(exp.text, str(exp.path), exp.storage_root, job),
+    )
+
+
+def run_planned(
+    instance: DagsterInstance,
+    exp: Experiment,
+    planned: PlannedRun,
+    run_config: dict | None = None,
+) -> RunOutcome:
+    """Execute one planned run; raises `RunFailed` with the step errors if it fails."""
+    recon_job = reconstructable_job(exp, planned.job)
+    job_def = recon_job.get_definition()
+    selection = [AssetKey(a) for a in planned.assets] if planned.assets else None
+    tags = dict(
+        job_def.get_tags_for_partition_key(planned.partition, selected_asset_keys=selection)
+        if planned.partition
+        else {}
+    )
+    if planned.reason:
+        tags[REASON_TAG] = planned.reason[:4000]
+    t0 = time.perf_counter()
+    result = execute_job(
+        recon_job,
+        instance=instance,
+        asset_selection=selection,
+        tags=tags,
+        run_config=run_config if run_config is not None else QUIET_RUN_CONFIG,
+        raise_on_error=False,
+    )
+    with result:
+        outcome = RunOutcome(planned, result.run_id, result.success, time.perf_counter() - t0)
+        if not result.success:
+            errors = [
+                f"{e.step_key}: {_root_cause(e.step_failure_data.error)}"
+                for e in result.all_events
+                if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
+            ]
+            raise RunFailed(
+                outcome,
+                f"{planned.label} failed (run {result.run_id}):\n  " + "\n  ".join(errors or ["?"]),
+            )
+    return outcome
+
+
+def _root_cause(error) -> str:
+    """The innermost error's message: the user code's exception, not Dagster's wrapper."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def materialize_experiment(
+    exp: Experiment,
+    instance: DagsterInstance,
+    on_progress: Callable[[RunOutcome], None] | None = None,
+    run_config: dict | None = None,
+) -> ExperimentRunSummary:
+    """Materialise every partition of the experiment; stops at the first failed run."""
+    summary = ExperimentRunSummary()
+    t0 = time.perf_counter()
+    try:
+        for planned in plan_experiment(exp):
+            outcome = run_planned(instance, exp, planned, run_config)
+            summary.outcomes.append(outcome)
+            if on_progress:
+                on_progress(outcome)
+    finally:
+        summary.seconds = time.perf_counter() - t0
+    return summary

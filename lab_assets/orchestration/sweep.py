@@ -1,0 +1,172 @@
+"""The sweep: which partitions are missing or stale, why, and the runs that fix them.
+
+A partition is *missing* when storage holds no complete copy (no manifest) or the
+Dagster instance has no materialisation of it; *stale* when the fingerprint
+recorded with its latest materialisation (its data version) differs from the one
+the experiment file and code expect now (`lab_assets.experiment.versions`); otherwise
+*fresh*. The sweep rematerialises exactly the missing and stale partitions, in
+dependency order, each run tagged with why it was launched.
+
+`reconcile` is for a new or lost Dagster instance: it records, as runless
+materialisations carrying their data version, the complete partitions storage
+already holds, so nothing storage holds is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from dagster import AssetKey, AssetMaterialization, AssetRecordsFilter, DagsterInstance
+from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSION_TAG
+
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.versions import (
+    ASSET_ORDER,
+    Recipe,
+    all_partitions,
+    expected_recipes,
+    ref,
+)
+from lab_assets.names import ADAPTERS_JOB, BASE_MODELS_JOB, CLASSIFICATION_JOB
+from lab_assets.orchestration.runner import PlannedRun
+from resources.storage.base import ArtifactStore
+
+MISSING, STALE, FRESH = "missing", "stale", "fresh"
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    asset: str
+    partition: str | None
+    state: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return ref(self.asset, self.partition)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    fingerprint: str
+    recipe: Recipe | None
+
+
+def recorded(instance: DagsterInstance, asset: str) -> dict[str | None, Recorded]:
+    """The latest materialisation's fingerprint (and recipe) per partition of `asset`."""
+    out: dict[str | None, Recorded] = {}
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset)), limit=1000, cursor=cursor
+        )
+        for rec in result.records:  # newest first
+            if rec.partition_key in out:
+                continue
+            mat = rec.asset_materialization
+            fp = _meta(mat.metadata.get("lab/fingerprint")) or (mat.tags or {}).get(
+                DATA_VERSION_TAG
+            )
+            recipe = _meta(mat.metadata.get("lab/recipe"))
+            out[rec.partition_key] = Recorded(
+                str(fp), Recipe.from_dict(recipe) if isinstance(recipe, dict) else None
+            )
+        if not result.has_more:
+            return out
+        cursor = result.cursor
+
+
+def _meta(v):
+    return getattr(v, "value", v)
+
+
+def assess(
+    exp: Experiment, instance: DagsterInstance, store: ArtifactStore
+) -> list[PartitionStatus]:
+    """The state of every partition of the experiment, upstream first."""
+    expected = expected_recipes(exp)
+    statuses = []
+    for asset in ASSET_ORDER:
+        seen = recorded(instance, asset)
+        for p in all_partitions(exp, asset):
+            want = expected[(asset, p)]
+            have = seen.get(p)
+            manifest = store.read_manifest(asset, p)
+            if manifest is None:
+                statuses.append(PartitionStatus(asset, p, MISSING, ("not in storage",)))
+            elif have is None:
+                statuses.append(PartitionStatus(asset, p, MISSING, ("never materialised here",)))
+            elif have.fingerprint != want.fingerprint:
+                why = want.differences(have.recipe) if have.recipe else ["fingerprint changed"]
+                statuses.append(PartitionStatus(asset, p, STALE, tuple(why)))
+            elif manifest.metadata.get("fingerprint") != have.fingerprint:
+                statuses.append(
+                    PartitionStatus(asset, p, STALE, ("storage holds another version",))
+                )
+            else:
+                statuses.append(PartitionStatus(asset, p, FRESH))
+    return statuses
+
+
+def plan_sweep(exp: Experiment, statuses: Iterable[PartitionStatus]) -> list[PlannedRun]:
+    """Runs that rematerialise every non-fresh partition, in dependency order."""
+    todo = {(s.asset, s.partition): s for s in statuses if s.state != FRESH}
+    plan: list[PlannedRun] = []
+    for job, assets, partitions in (
+        (BASE_MODELS_JOB, ("base_model", "base_spectrum"), all_partitions(exp, "base_model")),
+        (ADAPTERS_JOB, ("adapter", "spectral_features"), all_partitions(exp, "adapter")),
+        (CLASSIFICATION_JOB, ("classification_results",), [None]),
+    ):
+        for p in partitions:
+            hits = [todo[(a, p)] for a in assets if (a, p) in todo]
+            if not hits:
+                continue
+            reason = "; ".join(f"{s.asset} {s.state}: {', '.join(s.reasons)}" for s in hits)
+            label = f"{'+'.join(s.asset for s in hits)}" + (f" [{p}]" if p else "")
+            plan.append(
+                PlannedRun(job, p, label, assets=tuple(s.asset for s in hits), reason=reason)
+            )
+    return plan
+
+
+def reconcile_events(
+    exp: Experiment, instance: DagsterInstance, store: ArtifactStore
+) -> list[AssetMaterialization]:
+    """Materialisations for storage's complete partitions that this instance does not know."""
+    events = []
+    for asset in ASSET_ORDER:
+        seen = recorded(instance, asset)
+        for p in all_partitions(exp, asset):
+            manifest = store.read_manifest(asset, p)
+            if manifest is None or "fingerprint" not in manifest.metadata:
+                continue
+            fp = str(manifest.metadata["fingerprint"])
+            if p in seen and seen[p].fingerprint == fp:
+                continue
+            recipe = manifest.metadata.get("recipe") or {}
+            events.append(
+                AssetMaterialization(
+                    asset_key=asset,
+                    partition=p,
+                    description="reconciled from storage",
+                    metadata={
+                        "lab/fingerprint": fp,
+                        "lab/recipe": recipe,
+                        "storage_uri": store.uri(asset, p),
+                        "files": len(manifest.files),
+                        "bytes": manifest.total_bytes,
+                        "reconciled": True,
+                    },
+                    tags={DATA_VERSION_TAG: fp, CODE_VERSION_TAG: str(recipe.get("code", ""))},
+                )
+            )
+    return events
+
+
+def reconcile(exp: Experiment, instance: DagsterInstance, store: ArtifactStore) -> list[str]:
+    """Record storage's complete partitions that this instance does not know; returns them."""
+    events = reconcile_events(exp, instance, store)
+    for e in events:
+        instance.report_runless_asset_event(e)
+    return [ref(e.asset_key.to_user_string(), e.partition) for e in events]

@@ -1,0 +1,1 @@
+"""Run a step in a disposable local worker process."""

@@ -1,0 +1,61 @@
+"""Runs one Dagster step from its pickled run reference, outside the plan process.
+
+The step launchers start this module (in a local subprocess, or on a VM through
+the agent). It executes the step with the job's own resources (so the same IO
+manager reads inputs and writes outputs) and appends every Dagster event to an
+events file, one serialized `EventLogEntry` a line, flushed as it happens, so the
+launcher can relay events into the run while the step is still running.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+from dagster._core.events.log import EventLogEntry
+from dagster._core.execution.plan.external_step import (
+    external_instance_from_step_run_ref,
+    run_step_from_ref,
+)
+from dagster._serdes import serialize_value
+
+from resources.remote import preemption
+
+
+def run_step(step_run_ref_path: str | Path, events_path: str | Path) -> None:
+    """Execute the referenced step; every event is appended to `events_path` as it happens."""
+    # On a spot VM (the GCE agent sets LAB_PREEMPTIBLE=1) SIGTERM becomes a flag that
+    # training code checks to checkpoint and stop (resources/remote/preemption.py).
+    preemption.install_if_preemptible()
+    with open(step_run_ref_path, "rb") as f:
+        step_run_ref = pickle.load(f)
+    with open(events_path, "a", encoding="utf-8") as out:
+
+        def relay(entry: EventLogEntry) -> None:
+            out.write(serialize_value(entry) + "\n")
+            out.flush()
+
+        instance = external_instance_from_step_run_ref(step_run_ref, event_listener_fn=relay)
+        for _ in run_step_from_ref(step_run_ref, instance):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(
+            "usage: python -m resources.remote.step_worker STEP_RUN_REF.pkl EVENTS.jsonl", file=sys.stderr
+        )
+        return 2
+    run_step(args[0], args[1])
+    # Every event is flushed to the events file by now; skip the interpreter's slow
+    # teardown of torch & co (seconds per step), which the launcher would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The GCS artifact store: generation-pinned manifests, sliced transfers, a verified cache."""
