@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from lab_assets_tests.fakes.fake_compute import FakeCompute
     from lab_assets_tests.gce_fixtures import gcs_emulator_server
     from resources.compute.gce.api import ENDPOINT_ENV
-    from resources.remote.agent import storage_client
+    from resources.remote.protocol import make_storage_client as storage_client
 
     useful = args.steps * args.step_s
     print(

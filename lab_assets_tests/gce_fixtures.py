@@ -48,7 +48,7 @@ def gcs_emulator_server() -> Iterator:
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-    from resources.remote.agent import storage_client
+    from resources.remote.protocol import make_storage_client as storage_client
 
     storage = tmp_path_factory.mktemp("gce-storage")
     saved = {k: os.environ.get(k) for k in ("LAB_STORAGE_ROOT", "GOOGLE_CLOUD_PROJECT")}

@@ -191,7 +191,7 @@ class ModelCache(ConfigurableResource):
         """The GCS-tier location of a snapshot, or None without a GCS tier."""
         if not self.gcs_uri:
             return None
-        from resources.storage.gcs.client import parse_gs_uri
+        from resources.remote.protocol import parse_gs_uri
         from resources.storage.gcs.store import GCSManifestDir, GCSSession
 
         if self._session is None:

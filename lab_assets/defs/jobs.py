@@ -4,7 +4,6 @@
 order, one Dagster run per partition (each tagged with why it was launched).
 """
 
-
 from dagster import (
     AssetSelection,
     JobDefinition,

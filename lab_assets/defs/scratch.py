@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from resources.compute.local.launcher import SCRATCH_ENV
+from resources.remote.protocol import SCRATCH_ENV
 
 
 @contextmanager

@@ -9,7 +9,6 @@ the file's ``storage`` (relative to the file), overridden by ``$LAB_STORAGE_ROOT
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 from lab_assets.experiment.resolved import Experiment, expand_runs
 from lab_assets.experiment.schema import ExperimentError, ExperimentFile
+from resources.remote.protocol import GsUriError, parse_gs_uri
 
 EXPERIMENT_ENV = "LAB_EXPERIMENT"
 STORAGE_ENV = "LAB_STORAGE_ROOT"
@@ -37,8 +37,10 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
 def resolve_storage_root(raw: str, relative_to: Path) -> str:
     """A `gs://` URI as is; a local path made absolute (relative to `relative_to`)."""
     if raw.startswith("gs://"):
-        if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?", raw):
-            raise ExperimentError(f"storage root {raw!r} is not a valid gs://bucket/prefix URI")
+        try:
+            parse_gs_uri(raw)
+        except GsUriError as e:
+            raise ExperimentError(f"storage root: {e}") from None
         return raw.rstrip("/")
     if "://" in raw:
         raise ExperimentError(f"storage root {raw!r}: only local paths and gs:// are supported")

@@ -125,4 +125,3 @@ def expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
     for i, r in enumerate(f.runs):
         add(f"runs.{i}", r.method, r.task, r.seed, r)
     return tuple(runs)
-

@@ -279,4 +279,3 @@ class ExperimentFile(_Strict):
         if not self.grid and not self.runs:
             raise ValueError("the experiment has no runs: give 'grid' or 'runs'")
         return self
-

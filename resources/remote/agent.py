@@ -27,10 +27,8 @@ Modes (``mode`` in the instructions):
 - ``export-disk``: stream an attached disk to GCS as ``disk.tar.gz`` holding
   ``disk.raw``, the format ``images.insert`` with ``rawDisk.source`` restores from.
 
-Layout under the launch URI ``L`` (the launcher reads the same names from here):
-``L/bundle/*.whl``, ``L/step_run_ref.pkl``, ``L/experiment.yaml``,
-``L/checkpoints/...``, ``L/attempts/<n>/events/<8 digits>.jsonl``,
-``L/attempts/<n>/logs/<8 digits>.txt``, ``L/attempts/<n>/status.json``.
+The launch layout in GCS and every name shared with the launcher live in
+``resources.remote.protocol``, which ships beside this file.
 """
 
 from __future__ import annotations
@@ -49,61 +47,28 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-METADATA_HOST_ENV = "GCE_METADATA_HOST"
-INSTRUCTIONS_KEY = "lab-launch"
-AGENT_KEY = "lab-agent"
-HOME_ENV = "LAB_AGENT_HOME"  # where the agent works (default /opt/lab/run)
-DEVICE_ROOT_ENV = "LAB_AGENT_DEVICE_ROOT"  # where attached disks appear (default /dev/disk/by-id)
-
-# Environment the agent sets for the step worker. The names are duplicated in
-# resources/remote/preemption.py and resources/remote/launch_info.py (this file cannot
-# import the lab before the bundle is installed); a test keeps them equal.
-CHECKPOINT_DIR_ENV = "LAB_CHECKPOINT_DIR"
-PREEMPTIBLE_ENV = "LAB_PREEMPTIBLE"
-LAUNCH_INFO_ENV = "LAB_GCE_LAUNCH_INFO"
-SCRATCH_ENV = "LAB_SCRATCH_DIR"
-EXPERIMENT_ENV = "LAB_EXPERIMENT"
-PREEMPTED_EXIT_CODE = 75  # the worker checkpointed and stopped because of a preemption
-
-BUNDLE_DIR = "bundle"
-STEP_RUN_REF = "step_run_ref.pkl"
-EXPERIMENT_FILE = "experiment.yaml"
-CHECKPOINTS_DIR = "checkpoints"
-EVENTS_DIR = "events"
-LOGS_DIR = "logs"
-STATUS_FILE = "status.json"
-
-
-def attempt_prefix(launch_prefix: str, attempt: int) -> str:
-    return f"{launch_prefix.rstrip('/')}/attempts/{attempt}"
-
-
-def chunk_name(prefix: str, index: int, suffix: str) -> str:
-    return f"{prefix}/{index:08d}.{suffix}"
-
-
-def chunk_index(name: str) -> int:
-    return int(name.rsplit("/", 1)[-1].split(".", 1)[0])
-
-
-def split_gs_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("gs://"):
-        raise ValueError(f"{uri!r} is not a gs:// URI")
-    bucket, _, prefix = uri[5:].partition("/")
-    return bucket, prefix.strip("/")
-
-
-def storage_client():
-    """A GCS client: anonymous against ``STORAGE_EMULATOR_HOST``, else the VM's account."""
-    from google.cloud import storage
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "lab-emulator")
-        return storage.Client(project=project, credentials=AnonymousCredentials())
-    return storage.Client()
-
+from resources.remote.protocol import (
+    BUNDLE_DIR,
+    CHECKPOINT_DIR_ENV,
+    CHECKPOINTS_DIR,
+    DEVICE_ROOT_ENV,
+    EVENTS_DIR,
+    EXPERIMENT_ENV,
+    EXPERIMENT_FILE,
+    HOME_ENV,
+    INSTRUCTIONS_KEY,
+    LAUNCH_INFO_ENV,
+    LOGS_DIR,
+    METADATA_HOST_ENV,
+    PREEMPTIBLE_ENV,
+    SCRATCH_ENV,
+    STATUS_FILE,
+    STEP_RUN_REF,
+    attempt_prefix,
+    chunk_name,
+    make_storage_client,
+    parse_gs_uri,
+)
 
 # -- metadata server ----------------------------------------------------------------------
 
@@ -309,8 +274,8 @@ class StepAgent:
         self.instr = instr
         self.md = md
         self.home = home
-        self.client = storage_client()
-        bucket_name, self.launch_prefix = split_gs_uri(instr["launch_uri"])
+        self.client = make_storage_client()
+        bucket_name, self.launch_prefix = parse_gs_uri(instr["launch_uri"])
         self.bucket = self.client.bucket(bucket_name)
         self.attempt = int(instr.get("attempt", 1))
         self.prefix = attempt_prefix(self.launch_prefix, self.attempt)
@@ -576,13 +541,13 @@ print(json.dumps(out))
 
 
 def run_image_build(instr: dict[str, Any], home: Path) -> int:
-    client = storage_client()
-    bucket_name, report = split_gs_uri(instr["report_uri"])
+    client = make_storage_client()
+    bucket_name, report = parse_gs_uri(instr["report_uri"])
     bucket = client.bucket(bucket_name)
     report_body: dict[str, Any] = {"ok": False}
     try:
         if instr.get("bundle_install", "pip") != "skip":
-            b_bucket, b_prefix = split_gs_uri(instr["bundle_uri"])
+            b_bucket, b_prefix = parse_gs_uri(instr["bundle_uri"])
             wheels = [
                 b
                 for b in client.list_blobs(b_bucket, prefix=b_prefix + "/")
@@ -622,11 +587,11 @@ def run_image_build(instr: dict[str, Any], home: Path) -> int:
 
 def run_export_disk(instr: dict[str, Any]) -> int:
     """Stream the attached disk into GCS as a tar.gz holding ``disk.raw``."""
-    client = storage_client()
+    client = make_storage_client()
     device = Path(os.environ.get(DEVICE_ROOT_ENV, "/dev/disk/by-id")) / (
         "google-" + instr["device_name"]
     )
-    bucket_name, name = split_gs_uri(instr["archive_uri"])
+    bucket_name, name = parse_gs_uri(instr["archive_uri"])
     bucket = client.bucket(bucket_name)
     report = {"ok": False}
     try:
@@ -642,7 +607,7 @@ def run_export_disk(instr: dict[str, Any]) -> int:
         report = {"ok": True, "bytes": size, "archive_uri": instr["archive_uri"]}
     except Exception as e:
         report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    _, report_name = split_gs_uri(instr["report_uri"])
+    _, report_name = parse_gs_uri(instr["report_uri"])
     bucket.blob(report_name).upload_from_string(json.dumps(report), "application/json")
     print(f"[agent] export report: {report}")
     return 0 if report["ok"] else 1

@@ -18,8 +18,7 @@ import os
 from typing import Any
 
 from resources.remote import preemption
-
-CHECKPOINT_EVERY_ENV = "LAB_CHECKPOINT_EVERY"
+from resources.remote.protocol import CHECKPOINT_EVERY_ENV
 
 
 def preemptible_training() -> dict[str, Any]:

@@ -16,7 +16,8 @@ import os
 import time
 from typing import Any
 
-LAUNCH_INFO_ENV = "LAB_GCE_LAUNCH_INFO"  # same name as in resources/remote/agent.py
+from resources.remote.protocol import LAUNCH_INFO_ENV
+
 PREFIX = "gce/"
 
 

@@ -20,10 +20,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-# Same names as in resources/remote/agent.py (which cannot import this package).
-CHECKPOINT_DIR_ENV = "LAB_CHECKPOINT_DIR"
-PREEMPTIBLE_ENV = "LAB_PREEMPTIBLE"
-PREEMPTED_EXIT_CODE = 75
+from resources.remote.protocol import CHECKPOINT_DIR_ENV, PREEMPTED_EXIT_CODE, PREEMPTIBLE_ENV
 
 _requested = threading.Event()
 

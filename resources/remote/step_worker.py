@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print(
-            "usage: python -m resources.remote.step_worker STEP_RUN_REF.pkl EVENTS.jsonl", file=sys.stderr
+            "usage: python -m resources.remote.step_worker STEP_RUN_REF.pkl EVENTS.jsonl",
+            file=sys.stderr,
         )
         return 2
     run_step(args[0], args[1])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resources.remote.agent import split_gs_uri, storage_client
+from resources.remote.protocol import make_storage_client, parse_gs_uri
 
 
 @dataclass
@@ -24,10 +24,10 @@ class Gcs:
 
     def __post_init__(self) -> None:
         if self.client is None:
-            self.client = storage_client()
+            self.client = make_storage_client()
 
     def _blob(self, uri: str):
-        bucket, name = split_gs_uri(uri)
+        bucket, name = parse_gs_uri(uri)
         return self.client.bucket(bucket).blob(name)
 
     def upload_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream"):
@@ -53,14 +53,14 @@ class Gcs:
 
     def list(self, prefix_uri: str) -> list[str]:
         """Object URIs under a prefix (a trailing slash is added), sorted by name."""
-        bucket, prefix = split_gs_uri(prefix_uri)
+        bucket, prefix = parse_gs_uri(prefix_uri)
         return sorted(
             f"gs://{bucket}/{b.name}"
             for b in self.client.list_blobs(bucket, prefix=prefix.rstrip("/") + "/")
         )
 
     def delete_prefix(self, prefix_uri: str) -> int:
-        bucket, prefix = split_gs_uri(prefix_uri)
+        bucket, prefix = parse_gs_uri(prefix_uri)
         n = 0
         for b in self.client.list_blobs(bucket, prefix=prefix.rstrip("/") + "/"):
             b.delete()
@@ -73,5 +73,5 @@ class Gcs:
 
 def https_url(uri: str) -> str:
     """The `https://storage.googleapis.com/...` form `images.insert` wants for `rawDisk`."""
-    bucket, name = split_gs_uri(uri)
+    bucket, name = parse_gs_uri(uri)
     return f"https://storage.googleapis.com/{bucket}/{name}"

@@ -50,7 +50,7 @@ from resources.compute.gce.costs import CostLedger, PriceMissing, check_budget, 
 from resources.compute.gce.gcs import Gcs
 from resources.compute.gce.placement import Overrides, Placement, candidates, create_with_failover
 from resources.compute.local.launcher import StepWorkerError
-from resources.remote import agent
+from resources.remote import protocol
 from resources.remote.launch_info import as_metadata
 
 if TYPE_CHECKING:
@@ -393,11 +393,13 @@ class GceStepLauncher(StepLauncher):
             from resources.compute.gce.bundle import build_wheel
 
             wheel = (self._build_wheel or build_wheel)()
-            self.gcs.upload_file(f"{launch_uri}/{agent.BUNDLE_DIR}/{wheel.name}", wheel)
+            self.gcs.upload_file(f"{launch_uri}/{protocol.BUNDLE_DIR}/{wheel.name}", wheel)
             log.info(f"bundle: {wheel.name} (working tree) -> {launch_uri}/")
-        self.gcs.upload_bytes(f"{launch_uri}/{agent.STEP_RUN_REF}", ref)
+        self.gcs.upload_bytes(f"{launch_uri}/{protocol.STEP_RUN_REF}", ref)
         if s.experiment_file:
-            self.gcs.upload_file(f"{launch_uri}/{agent.EXPERIMENT_FILE}", Path(s.experiment_file))
+            self.gcs.upload_file(
+                f"{launch_uri}/{protocol.EXPERIMENT_FILE}", Path(s.experiment_file)
+            )
 
     def _attempts(
         self,
@@ -549,9 +551,9 @@ class GceStepLauncher(StepLauncher):
         """Relay the VM's events and logs until the step ends ('ended') or the VM is
         preempted ('preempted'); anything else raises."""
         s = self.settings
-        prefix = agent.attempt_prefix(launch_uri, vm.attempt)
-        events = _ChunkReader(self.gcs, f"{prefix}/{agent.EVENTS_DIR}", "jsonl")
-        logs = _ChunkReader(self.gcs, f"{prefix}/{agent.LOGS_DIR}", "txt")
+        prefix = protocol.attempt_prefix(launch_uri, vm.attempt)
+        events = _ChunkReader(self.gcs, f"{prefix}/{protocol.EVENTS_DIR}", "jsonl")
+        logs = _ChunkReader(self.gcs, f"{prefix}/{protocol.LOGS_DIR}", "txt")
         decoder = EventDecoder()
         recent: collections.deque[str] = collections.deque(maxlen=40)
         ended = False
@@ -585,13 +587,13 @@ class GceStepLauncher(StepLauncher):
                 # The agent ships the worker's last output lines after its last event.
                 deadline = time.time() + 3 * s.flush_interval_s + s.poll_interval_s
                 while time.time() < deadline:
-                    status = self.gcs.read_json(f"{prefix}/{agent.STATUS_FILE}") or {}
+                    status = self.gcs.read_json(f"{prefix}/{protocol.STATUS_FILE}") or {}
                     yield from relay()
                     if status.get("state") in ("exited", "failed", "preempted"):
                         break
                     time.sleep(s.poll_interval_s)
                 return "ended"
-            status = self.gcs.read_json(f"{prefix}/{agent.STATUS_FILE}")
+            status = self.gcs.read_json(f"{prefix}/{protocol.STATUS_FILE}")
             state = (status or {}).get("state")
             if state in ("exited", "failed", "preempted"):
                 yield from relay()  # the agent flushed everything before writing its status
@@ -624,7 +626,7 @@ class GceStepLauncher(StepLauncher):
                     yield from relay()
                     if ended:
                         return "ended"
-                    status = self.gcs.read_json(f"{prefix}/{agent.STATUS_FILE}") or {}
+                    status = self.gcs.read_json(f"{prefix}/{protocol.STATUS_FILE}") or {}
                     if status.get("state") == "preempted" or self._preempted(vm):
                         return "preempted"
                     gone = "was deleted" if inst is None else f"is {inst.status}"
@@ -649,7 +651,9 @@ class _ChunkReader:
 
     def poll(self) -> Iterator[bytes]:
         while True:
-            data = self.gcs.read_bytes(agent.chunk_name(self.prefix, self.next_index, self.suffix))
+            data = self.gcs.read_bytes(
+                protocol.chunk_name(self.prefix, self.next_index, self.suffix)
+            )
             if data is None:
                 return
             self.next_index += 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resources.remote import agent as gce_agent
+from resources.remote import protocol
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1
@@ -83,12 +83,15 @@ def startup_script(lab_home: str = DEFAULT_LAB_HOME, storage_pin: str = STORAGE_
     pin = shlex.quote(storage_pin)
     return f"""#!/bin/bash
 # Written by the lab's GCE launcher. It holds no experiment values: the agent reads
-# its instructions from the instance metadata attribute '{gce_agent.INSTRUCTIONS_KEY}'.
+# its instructions from the instance metadata attribute '{protocol.INSTRUCTIONS_KEY}'.
 set -euo pipefail
 LAB_HOME=${{LAB_HOME:-{home}}}
 MD="http://${{GCE_METADATA_HOST:-metadata.google.internal}}/computeMetadata/v1/instance/attributes"
-mkdir -p "$LAB_HOME"
-curl -fsS -H 'Metadata-Flavor: Google' "$MD/{gce_agent.AGENT_KEY}" -o "$LAB_HOME/gce_agent.py"
+AGENT_DIR="$LAB_HOME/agent/resources/remote"
+mkdir -p "$AGENT_DIR"
+touch "$LAB_HOME/agent/resources/__init__.py" "$AGENT_DIR/__init__.py"
+curl -fsS -H 'Metadata-Flavor: Google' "$MD/{protocol.PROTOCOL_KEY}" -o "$AGENT_DIR/protocol.py"
+curl -fsS -H 'Metadata-Flavor: Google' "$MD/{protocol.AGENT_KEY}" -o "$AGENT_DIR/agent.py"
 if [ ! -x "$LAB_HOME/venv/bin/python" ]; then
   # Bootstrap (Deep Learning VM image): Python 3.11 and a venv; the agent then
   # pip-installs the bundle with its dependencies (torch with its CUDA runtime).
@@ -98,13 +101,22 @@ if [ ! -x "$LAB_HOME/venv/bin/python" ]; then
   python3.11 -m venv --system-site-packages "$LAB_HOME/venv"
   "$LAB_HOME/venv/bin/python" -m pip install -q --upgrade pip {pin}
 fi
-cd "$LAB_HOME"
-LAB_AGENT_HOME="$LAB_HOME/run" exec "$LAB_HOME/venv/bin/python" -u "$LAB_HOME/gce_agent.py"
+cd "$LAB_HOME/agent"
+LAB_AGENT_HOME="$LAB_HOME/run" exec "$LAB_HOME/venv/bin/python" -u -m resources.remote.agent
 """
 
 
+def _remote_source(name: str) -> str:
+    """A VM-side module's source, read as a file: the launcher never imports the agent."""
+    return (Path(__file__).resolve().parents[2] / "remote" / name).read_text()
+
+
 def agent_source() -> str:
-    return Path(gce_agent.__file__).read_text()
+    return _remote_source("agent.py")
+
+
+def protocol_source() -> str:
+    return _remote_source("protocol.py")
 
 
 @dataclass(frozen=True)
@@ -159,8 +171,9 @@ def build_instance(spec: VmSpec) -> compute_v1.Instance:
             scheduling.on_host_maintenance = "TERMINATE"
     items = {
         "startup-script": startup_script(spec.lab_home),
-        gce_agent.AGENT_KEY: agent_source(),
-        gce_agent.INSTRUCTIONS_KEY: json.dumps(spec.instructions, sort_keys=True),
+        protocol.AGENT_KEY: agent_source(),
+        protocol.PROTOCOL_KEY: protocol_source(),
+        protocol.INSTRUCTIONS_KEY: json.dumps(spec.instructions, sort_keys=True),
         **spec.extra_metadata,
     }
     disks = [

@@ -31,9 +31,7 @@ from dagster._core.execution.context.system import StepExecutionContext
 from dagster._core.execution.plan.external_step import step_context_to_step_run_ref
 
 from resources.compute.events import LocalEventTail, is_terminal
-
-SCRATCH_ENV = "LAB_SCRATCH_DIR"  # the one step's scratch directory, set for the worker
-SCRATCH_ROOT_ENV = "LAB_SCRATCH_ROOT"  # where workers' scratch directories are made
+from resources.remote.protocol import SCRATCH_ENV, SCRATCH_ROOT_ENV
 
 
 class StepWorkerError(RuntimeError):
@@ -70,7 +68,13 @@ class LocalProcessStepLauncher(StepLauncher):
             work.mkdir()
             env = {**os.environ, SCRATCH_ENV: str(work), "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
-                [self.python, "-m", "resources.remote.step_worker", str(ref_path), str(events_path)],
+                [
+                    self.python,
+                    "-m",
+                    "resources.remote.step_worker",
+                    str(ref_path),
+                    str(events_path),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -18,7 +18,6 @@ Three things every GCS caller here needs, kept in one place so they behave alike
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from contextlib import contextmanager
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exc
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import (
@@ -35,13 +33,8 @@ from google.cloud.storage.retry import (
     is_generation_specified,
 )
 
+from resources.remote.protocol import EMULATOR_ENV, make_storage_client
 from resources.storage.base import StorageError
-
-EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
-PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
-DEFAULT_EMULATOR_PROJECT = "lab-emulator"
-
-_GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?:/(.*))?$")
 
 
 class GCSError(StorageError):
@@ -52,36 +45,10 @@ class ConcurrentWriteError(GCSError):
     """Another writer committed the same location first (a generation precondition failed)."""
 
 
-def parse_gs_uri(uri: str) -> tuple[str, str]:
-    """`gs://bucket/some/prefix` -> ("bucket", "some/prefix"); the prefix has no edge slashes."""
-    m = _GS_URI.match(uri)
-    if not m:
-        raise StorageError(f"{uri!r} is not a gs://bucket[/prefix] URI")
-    return m.group(1), (m.group(2) or "").strip("/")
-
-
-def emulator_host() -> str | None:
-    """The emulator's base URL from `STORAGE_EMULATOR_HOST`, with a scheme, or None."""
-    host = os.environ.get(EMULATOR_ENV, "").strip()
-    if not host:
-        return None
-    return host if "://" in host else f"http://{host}"
-
-
 def make_client(project: str | None = None, *, endpoint: str | None = None) -> storage.Client:
-    """A storage client: the emulator (or `endpoint`) anonymously, else ADC via dagster-gcp."""
-    project = project or os.environ.get(PROJECT_ENV) or None
-    endpoint = endpoint or emulator_host()
-    if endpoint:
-        return storage.Client(
-            project=project or DEFAULT_EMULATOR_PROJECT,
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": endpoint.rstrip("/")},
-        )
-    from dagster_gcp import GCSResource
-
+    """`protocol.make_storage_client`, with missing credentials as a `GCSError` saying what to do."""
     try:
-        return GCSResource(project=project).get_client()
+        return make_storage_client(project, endpoint=endpoint)
     except auth_exc.DefaultCredentialsError as e:
         raise GCSError(
             "no Google credentials found for GCS: run `gcloud auth application-default "

@@ -83,6 +83,7 @@ from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage import transfer_manager as tm
 
+from resources.remote.protocol import parse_gs_uri
 from resources.storage.base import (
     MANIFEST_NAME,
     ArtifactStore,
@@ -100,7 +101,6 @@ from resources.storage.gcs.client import (
     if_generation_specified,
     is_gcs_failure,
     make_client,
-    parse_gs_uri,
     retry_policy,
     translate,
 )

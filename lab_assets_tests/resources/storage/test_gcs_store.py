@@ -32,7 +32,7 @@ from resources.storage.gcs.store import (
     TransferConfig,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "lab-test"
 SMALL = TransferConfig(sliced_threshold=1 << 20, chunk_size=256 << 10, max_workers=4)
 

@@ -12,7 +12,9 @@ from resources.storage.base import LocalArtifactStore
 
 def _run(instance, mode, handshake_dir=""):
     repo = ReconstructableRepository.for_module(
-        "lab_assets_tests.code_locations.launcher_defs", "defs", working_directory=str(TESTS_DIR.parent)
+        "lab_assets_tests.code_locations.launcher_defs",
+        "defs",
+        working_directory=str(TESTS_DIR.parent),
     )
     job = repo.get_reconstructable_job("__ASSET_JOB")
     cfg = {"ops": {"remote_work": {"config": {"mode": mode, "handshake_dir": handshake_dir}}}}

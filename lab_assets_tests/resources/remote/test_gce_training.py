@@ -22,8 +22,9 @@ import pytest
 
 from lab_assets_tests.fakes.fake_compute import REPO_ROOT
 from lab_assets_tests.gce_fixtures import BUCKET
-from resources.remote.agent import CheckpointSync, storage_client
+from resources.remote.agent import CheckpointSync
 from resources.remote.preemption import PREEMPTED_EXIT_CODE
+from resources.remote.protocol import make_storage_client as storage_client
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

@@ -15,7 +15,7 @@ from lab_assets.cli.gce import gce_main, image_manager
 from lab_assets.defs.sensors import build_vm_reaper_sensor
 from lab_assets.experiment.load import load_experiment
 from lab_assets_tests.gce_fixtures import BUCKET
-from lab_assets_tests.test_gce_body import GCE_EXPERIMENT
+from lab_assets_tests.resources.compute.gce.test_gce_body import GCE_EXPERIMENT
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.api import ComputeApi
 from resources.compute.gce.gcs import Gcs

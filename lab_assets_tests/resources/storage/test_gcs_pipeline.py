@@ -27,7 +27,7 @@ from lab_assets_tests.fakes.gcs_emulator import Emulator
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.storage.base import MANIFEST_NAME, open_store
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "pipeline-test"
 EXPERIMENT = "pipe"
 parts = StaticPartitionsDefinition(["m1", "m2"])
