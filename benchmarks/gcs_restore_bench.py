@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lab_assets_tests.fakes.gcs_emulator import Emulator  # noqa: E402
 from resources.storage.base import verify_dir  # noqa: E402
 from resources.storage.gcs.client import make_client  # noqa: E402
-from resources.storage.gcs.store import GCSArtifactStore, GCSSession, TransferConfig  # noqa: E402
+from resources.storage.gcs.session import GCSSession, TransferConfig  # noqa: E402
+from resources.storage.gcs.store import GCSArtifactStore  # noqa: E402
 
 BUCKET = "bench"
 

@@ -16,7 +16,8 @@ from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, O
 from pydantic import PrivateAttr
 
 from resources.remote import launch_info
-from resources.storage.base import ArtifactStore, open_store
+from resources.storage.base import ArtifactStore
+from resources.storage.open import open_store
 
 # Output metadata under this prefix is also written into the partition's manifest.
 MANIFEST_METADATA_PREFIX = "lab/"

@@ -6,8 +6,8 @@ Tiers, nearest first:
    ``<local_dir>/<org>--<name>/<revision>/``;
 2. **gcs**: a shared cache in a bucket, ``<gcs_uri>/<repo_id>/<revision>/`` with its
    own ``manifest.json`` (files, sizes, sha256), written with the artifact store's safe
-   protocol (``resources.storage.gcs.store``), so every VM of a project downloads a model from
-   the Hub at most once;
+   protocol (``resources.storage.gcs.manifest_dir``), so every VM of a project downloads
+   a model from the Hub at most once;
 3. **hub**: the Hugging Face Hub at the pinned revision (``snapshot_download``).
 
 A snapshot fetched from a farther tier is stored in the nearer ones for next time
@@ -42,7 +42,7 @@ from pydantic import PrivateAttr
 from resources.storage.base import StorageError, sha256_file
 
 if TYPE_CHECKING:
-    from resources.storage.gcs.store import GCSManifestDir
+    from resources.storage.gcs.manifest_dir import GCSManifestDir
 
 # What a causal LM needs; never pickles (*.bin) or other frameworks' weights.
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -155,11 +155,6 @@ def local_entry_problem(d: Path) -> str | None:
     return problem
 
 
-def local_entry_ok(d: Path) -> bool:
-    """The entry is complete and intact (see `local_entry_problem`)."""
-    return local_entry_problem(d) is None
-
-
 def _install(staging: Path, entry: Path, sha256: dict[str, str]) -> None:
     """Mark `staging` complete (sizes, sha256, pinned mtimes) and move it to `entry`."""
     files = _listing(staging)
@@ -192,7 +187,8 @@ class ModelCache(ConfigurableResource):
         if not self.gcs_uri:
             return None
         from resources.remote.protocol import parse_gs_uri
-        from resources.storage.gcs.store import GCSManifestDir, GCSSession
+        from resources.storage.gcs.manifest_dir import GCSManifestDir
+        from resources.storage.gcs.session import GCSSession
 
         if self._session is None:
             self._session = GCSSession()

@@ -32,18 +32,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab_assets.cli.common import add_command, add_experiment
 from lab_assets.experiment.load import load_experiment, resolve_storage_root
 from lab_assets.experiment.schema import ExperimentError
 from resources.storage.base import (
     MANIFEST_NAME,
     ArtifactStore,
     FileEntry,
-    LocalArtifactStore,
     Manifest,
     StorageError,
-    open_store,
     sha256_file,
 )
+from resources.storage.local import LocalArtifactStore
+from resources.storage.open import open_store
 
 RESULT_ASSETS = ("spectral_features", "classification_results", "logs")
 INCLUDE_ALIASES = {
@@ -192,7 +193,7 @@ def _raw_is_current(local: Path, f: _RawFile) -> bool:
         return False
     if f.source is not None:
         return sha256_file(local) == sha256_file(f.source)
-    from resources.storage.gcs.store import crc32c_file
+    from resources.storage.gcs.session import crc32c_file
 
     return crc32c_file(local) == f.crc32c
 
@@ -299,13 +300,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def fetch_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lab fetch",
-        description="Copy an experiment's results from its storage root to a local directory "
-        "(synced: files whose checksums match are skipped).",
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        subparsers,
+        "fetch",
+        purpose="Sync an experiment's results from its storage root into a local directory.",
+        help="copy an experiment's results to a local directory",
+        examples=[
+            "lab fetch --experiment experiments/tiny.yaml --dest results",
+            "lab fetch --include adapters --storage gs://my-bucket/lab",
+        ],
+        fn=_cmd_fetch,
     )
-    parser.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT or tiny)")
+    add_experiment(parser)
     parser.add_argument(
         "--dest", default="results", help="local directory to sync into (default: ./results)"
     )
@@ -321,7 +328,9 @@ def fetch_main(argv: list[str]) -> int:
         "--storage", help="storage root to read (default: the experiment's or $LAB_STORAGE_ROOT)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
     try:
         exp = load_experiment(args.experiment)
         root = resolve_storage_root(args.storage, Path.cwd()) if args.storage else exp.storage_root
@@ -344,7 +353,3 @@ def fetch_main(argv: list[str]) -> int:
     if report.missing_assets:
         print(f"nothing stored yet for: {', '.join(report.missing_assets)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(fetch_main(sys.argv[1:]))

@@ -18,17 +18,19 @@ compute must be `gce`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from lab_assets.cli.common import add_command, add_experiment, build_tree, run
 from lab_assets.defs.resources import gce_compute, gce_settings
 from lab_assets.experiment.load import load_experiment
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import ExperimentError, HubSource
 
-GCE_COMMANDS = ("launch", "vms", "image")
 # Assets whose step runs through the step launcher (the rest run in the plan process).
 LAUNCHED_ASSETS = {"adapter": "adapters_job"}
 DRY_RUN_ID = "dry-run"
@@ -238,15 +240,20 @@ def _cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT)")
-        return p
-
-    p = common(sub.add_parser("launch", help="materialise one partition on a GCE VM"))
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`lab launch`, and the groups `lab vms list|reap` and `lab image build|teardown|import`."""
+    p = add_command(
+        subparsers,
+        "launch",
+        purpose="Materialise one partition on a GCE VM (--dry-run: print the VM's body only).",
+        help="materialise one partition on a GCE VM; --dry-run prints the VM body",
+        examples=[
+            "lab launch --experiment my-gce.yaml --asset adapter "
+            "--partition 'tiny-llama|sft-arith-r8-s0' --dry-run",
+        ],
+        fn=_gce_errors(_cmd_launch),
+    )
+    add_experiment(p, "$LAB_EXPERIMENT")
     p.add_argument("--asset", required=True, help="asset to materialise, e.g. adapter")
     p.add_argument("--partition", required=True, help="partition key, e.g. 'tiny-llama|sft-…'")
     p.add_argument("--zone", help="this zone only (else $LAB_GCE_ZONE, else the experiment's)")
@@ -254,42 +261,110 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-type", help="override the GPU type ($LAB_GCE_GPU_TYPE)")
     p.add_argument("--keep-vm", action="store_true", help="leave the VM running afterwards")
     p.add_argument("--dry-run", action="store_true", help="print the instances.insert body")
-    p.set_defaults(fn=_cmd_launch)
+    _register_vms(subparsers)
+    _register_image(subparsers)
 
-    p = sub.add_parser("vms", help="list or reap the experiment's lab VMs")
-    vsub = p.add_subparsers(dest="vms_cmd", required=True)
-    common(vsub.add_parser("list", help="every lab VM of the experiment, with a verdict"))
-    r = common(vsub.add_parser("reap", help="delete VMs whose run ended or that are too old"))
+
+def _register_vms(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "vms",
+        purpose="List the experiment's lab VMs, or delete those whose run ended or are too old.",
+        help="list or reap the experiment's GCE VMs (list|reap)",
+        examples=[
+            "lab vms list --experiment my-gce.yaml",
+            "lab vms reap --experiment my-gce.yaml --dry-run",
+        ],
+    )
+    vsub = p.add_subparsers(dest="vms_cmd", required=True, metavar="{list,reap}")
+    fn = _gce_errors(_cmd_vms)
+    lst = add_command(
+        vsub,
+        "list",
+        purpose="Every lab VM of the experiment, with a verdict.",
+        examples=["lab vms list --experiment my-gce.yaml"],
+        fn=fn,
+    )
+    add_experiment(lst, "$LAB_EXPERIMENT")
+    r = add_command(
+        vsub,
+        "reap",
+        purpose="Delete the VMs whose run ended or that are too old.",
+        examples=["lab vms reap --experiment my-gce.yaml --max-age-h 6 --dry-run"],
+        fn=fn,
+    )
+    add_experiment(r, "$LAB_EXPERIMENT")
     r.add_argument("--dry-run", action="store_true", help="say what would be deleted")
     r.add_argument("--max-age-h", type=float, help="age limit (default: compute.reap_after_s)")
-    p.set_defaults(fn=_cmd_vms)
 
-    p = sub.add_parser("image", help="build, archive (teardown) or restore the VM image")
-    isub = p.add_subparsers(dest="image_cmd", required=True)
-    b = common(isub.add_parser("build", help="temporary VM -> bootstrap -> health check -> image"))
+
+def _register_image(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "image",
+        purpose="Build, archive (teardown) or restore the experiment's pre-baked GCE VM image.",
+        help="the GCE VM image (build|teardown|import)",
+        examples=[
+            "lab image build --experiment my-gce.yaml",
+            "lab image teardown --experiment my-gce.yaml",
+            "lab image import gs://BUCKET/PREFIX/NAME.tar.gz --experiment my-gce.yaml",
+        ],
+    )
+    isub = p.add_subparsers(dest="image_cmd", required=True, metavar="{build,teardown,import}")
+    fn = _gce_errors(_cmd_image)
+    b = add_command(
+        isub,
+        "build",
+        purpose="Build the image: temporary VM -> bootstrap -> health check -> image.",
+        examples=["lab image build --experiment my-gce.yaml"],
+        fn=fn,
+    )
+    add_experiment(b, "$LAB_EXPERIMENT")
     b.add_argument("--no-require-cuda", action="store_true", help="accept a VM without CUDA")
     b.add_argument("--health-model", help="REPO[@REV] to load in the health check")
-    t = common(isub.add_parser("teardown", help="archive the family's image to GCS, delete it"))
+    t = add_command(
+        isub,
+        "teardown",
+        purpose="Archive the family's image to GCS, then delete it.",
+        examples=["lab image teardown --experiment my-gce.yaml"],
+        fn=fn,
+    )
+    add_experiment(t, "$LAB_EXPERIMENT")
     t.add_argument("--archive", help="gs://.../NAME.tar.gz (default under the staging root)")
-    i = common(isub.add_parser("import", help="restore an archived image into the family"))
+    i = add_command(
+        isub,
+        "import",
+        purpose="Restore an archived image into the family.",
+        examples=["lab image import gs://BUCKET/PREFIX/NAME.tar.gz"],
+        fn=fn,
+    )
+    add_experiment(i, "$LAB_EXPERIMENT")
     i.add_argument("archive", help="gs://.../NAME.tar.gz written by teardown")
     i.add_argument("--name", help="image name (default: the archived image's)")
-    p.set_defaults(fn=_cmd_image)
-    return parser
+
+
+def _gce_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A bad value is `lab: <message>` (exit 2); a Compute API error `lab: Compute API: …` (1)."""
+
+    @functools.wraps(fn)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ValueError as e:  # ExperimentError included
+            print(f"lab: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            from resources.compute.gce.errors import GceApiError
+
+            if isinstance(e, GceApiError):
+                print(f"lab: Compute API: {e}", file=sys.stderr)
+                return 1
+            raise
+
+    return wrapped
 
 
 def gce_main(argv: list[str]) -> int:
-    """`lab launch|vms|image ...` (argv includes the command name)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ExperimentError, ValueError) as e:
-        print(f"lab: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from resources.compute.gce.errors import GceApiError
-
-        if isinstance(e, GceApiError):
-            print(f"lab: Compute API: {e}", file=sys.stderr)
-            return 1
-        raise
+    """`lab launch|vms|image ...` (argv includes the command name), through the same
+    `register` as the `lab` tree but without loading the other command groups."""
+    return run(build_tree("The GCE commands of `lab`.", [register]).parse_args(argv))

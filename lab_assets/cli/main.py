@@ -1,187 +1,34 @@
-"""The `lab` console script: work that is not a single asset run.
+"""The `lab` console script: one argparse tree, one module per command group.
 
-- `lab materialize [--experiment FILE]`: every partition of an experiment, through
-  Dagster, with a progress bar; the README's main command.
-- `lab sweep [--experiment FILE] [--dry-run]`: exactly the missing or stale partitions.
-- `lab reconcile [--experiment FILE]`: record what storage holds in this Dagster instance.
-- `lab validate [--experiment FILE]`: check an experiment file and list its partitions.
-- `lab fetch [--experiment FILE] [--dest DIR] [--include adapters]`: sync results locally.
-- `lab spectrum ADAPTER_DIR [--base MODEL_DIR] --out FILE.parquet`: spectral features
-  of any PEFT LoRA adapter.
-- `lab launch|vms|image ...`: one partition on a GCE VM (`--dry-run` prints the VM
-  body), the experiment's VMs (`list`, `reap`), the VM image (`build`, `teardown`,
-  `import`); see lab_assets/cli/gce.py.
+- `lab materialize | sweep | reconcile | validate`: an experiment's partitions
+  through Dagster (lab_assets/cli/runs.py).
+- `lab fetch`: sync an experiment's results to a local directory (cli/fetch.py).
+- `lab spectrum`: spectral features of any PEFT LoRA adapter (cli/spectrum.py).
+- `lab launch | vms | image`: one partition on a GCE VM, the experiment's VMs, the VM
+  image (cli/gce.py).
+
+Each module's `register(subparsers)` adds its commands (nested groups as
+sub-subparsers); `main` parses once and runs the chosen command.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from lab_assets.experiment.load import load_experiment
-from lab_assets.experiment.schema import ExperimentError
-from lab_assets.orchestration.instance import ensure_dagster_home
+from lab_assets.cli import fetch, gce, runs, spectrum
+from lab_assets.cli.common import build_tree, run
+
+DESCRIPTION = "Task-geometry lab: experiments as partitioned Dagster assets."
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    exp = load_experiment(args.experiment)
-    print(f"{exp.path}: valid")
-    print(f"  experiment   {exp.name}")
-    print(f"  storage      {exp.storage_root}")
-    print(f"  compute      {exp.file.compute.kind}")
-    print(f"  base models  {', '.join(exp.model_ids)}")
-    print(f"  runs         {len(exp.runs)}: {', '.join(exp.run_ids)}")
-    print(f"  adapters     {len(exp.runs) * len(exp.model_ids)} partitions (model × run)")
-    return 0
-
-
-def _cmd_materialize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    exp = load_experiment(args.experiment)
-    home = ensure_dagster_home()
-    from dagster import DagsterInstance
-
-    from lab_assets.orchestration.runner import (
-        RunFailed,
-        materialize_experiment,
-        plan_experiment,
-    )
-
-    total = len(plan_experiment(exp))
-    print(f"experiment {exp.name}: {total} runs into {exp.storage_root} (DAGSTER_HOME={home})")
-    with DagsterInstance.get() as instance, tqdm(total=total, unit="run") as bar:
-
-        def progress(outcome) -> None:
-            bar.set_postfix_str(f"{outcome.planned.label} {outcome.seconds:.1f}s")
-            bar.update(1)
-
-        try:
-            summary = materialize_experiment(exp, instance, on_progress=progress)
-        except RunFailed as e:
-            bar.close()
-            print(f"\nFAILED: {e}", file=sys.stderr)
-            return 1
-    print(f"materialised {len(summary.outcomes)} runs in {summary.seconds:.1f} s wall time")
-    _print_classification(exp)
-    return 0
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    exp = load_experiment(args.experiment)
-    home = ensure_dagster_home()
-    from dagster import DagsterInstance
-
-    from lab_assets.orchestration.instance import set_gpu_pool_limit
-    from lab_assets.orchestration.runner import RunFailed, run_planned
-    from lab_assets.orchestration.sweep import assess, plan_sweep, reconcile
-    from resources.storage.base import open_store
-
-    store = open_store(exp.storage_root, exp.name)
-    with DagsterInstance.get() as instance:
-        if not args.no_reconcile:
-            recorded = reconcile(exp, instance, store)
-            if recorded:
-                print(f"reconciled {len(recorded)} partitions from storage into {home}")
-        plan = plan_sweep(exp, assess(exp, instance, store))
-        if not plan:
-            print(f"experiment {exp.name}: nothing missing or stale; no runs launched")
-            return 0
-        print(f"experiment {exp.name}: {len(plan)} runs to launch")
-        for p in plan:
-            print(f"  {p.label}\n      why: {p.reason}")
-        if args.dry_run:
-            return 0
-        set_gpu_pool_limit(instance, exp)
-        with tqdm(total=len(plan), unit="run") as bar:
-            for p in plan:
-                try:
-                    outcome = run_planned(instance, exp, p)
-                except RunFailed as e:
-                    bar.close()
-                    print(f"\nFAILED: {e}", file=sys.stderr)
-                    return 1
-                bar.set_postfix_str(f"{p.label} {outcome.seconds:.1f}s")
-                bar.update(1)
-    _print_classification(exp)
-    return 0
-
-
-def _cmd_reconcile(args: argparse.Namespace) -> int:
-    exp = load_experiment(args.experiment)
-    home = ensure_dagster_home()
-    from dagster import DagsterInstance
-
-    from lab_assets.orchestration.sweep import reconcile
-    from resources.storage.base import open_store
-
-    with DagsterInstance.get() as instance:
-        recorded = reconcile(exp, instance, open_store(exp.storage_root, exp.name))
-    print(f"recorded {len(recorded)} partitions from {exp.storage_root} into {home}")
-    for r in recorded:
-        print(f"  {r}")
-    return 0
-
-
-def _print_classification(exp) -> None:
-    from resources.storage.base import open_store
-
-    store = open_store(exp.storage_root, exp.name)
-    if not store.is_complete("classification_results", None):
-        return
-    results = json.loads(
-        (store.local_path("classification_results", None) / "results.json").read_text()
-    )
-    for target, r in results.items():
-        ci = f" (95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f})" if "ci_low" in r else ""
-        p = f", permutation p={r['p_value']:.3f}" if "p_value" in r else ""
-        print(f"  {target:7s} accuracy {r['accuracy']:.3f}{ci} vs chance {r['chance']:.3f}{p}")
+def build_parser() -> argparse.ArgumentParser:
+    return build_tree(DESCRIPTION, [runs.register, fetch.register, spectrum.register, gce.register])
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "spectrum":
-        from lab_assets.cli.spectrum import spectrum_main
-
-        return spectrum_main(argv[1:])
-    if argv and argv[0] == "fetch":
-        from lab_assets.cli.fetch import fetch_main
-
-        return fetch_main(argv[1:])
-    if argv and argv[0] in ("launch", "vms", "image"):
-        from lab_assets.cli.gce import gce_main
-
-        return gce_main(argv)
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, fn, help_ in (
-        ("materialize", _cmd_materialize, "materialise every partition of an experiment"),
-        ("sweep", _cmd_sweep, "materialise exactly the missing or stale partitions"),
-        ("reconcile", _cmd_reconcile, "record partitions storage holds in this Dagster instance"),
-        ("validate", _cmd_validate, "validate an experiment file and list its partitions"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--experiment", help="experiment YAML (default: $LAB_EXPERIMENT or tiny)")
-        if name == "sweep":
-            p.add_argument("--dry-run", action="store_true", help="say what would run, and why")
-            p.add_argument(
-                "--no-reconcile", action="store_true", help="skip recording storage's partitions"
-            )
-        p.set_defaults(fn=fn)
-    sub.add_parser("spectrum", help="spectral features of a PEFT LoRA adapter (see --help)")
-    sub.add_parser("fetch", help="copy an experiment's results to a local directory (see --help)")
-    sub.add_parser("launch", help="one partition on a GCE VM; --dry-run prints the VM body")
-    sub.add_parser("vms", help="list or reap the experiment's GCE VMs (list|reap)")
-    sub.add_parser("image", help="the GCE VM image (build|teardown|import)")
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except ExperimentError as e:
-        print(f"lab: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args)
 
 
 if __name__ == "__main__":

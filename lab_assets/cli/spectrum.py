@@ -1,10 +1,11 @@
 """``lab spectrum``: the spectra of one adapter, without running any asset.
 
-It is the quickest way to look at an adapter someone hands you, and the
-command-line face of the ``lab spectrum`` contract in DESIGN.md: one parquet
-row per adapted module, ``module`` (the base model's module name) and
-``singular_values`` (all of ΔW's, descending) first. Plain argparse, no Dagster,
-so importing it is cheap.
+It is the quickest way to look at an adapter someone hands you. Its output is
+part of the lab's interface: one parquet row per adapted module, whose first two
+columns are ``module`` (the base model's module name) and ``singular_values``
+(all of ΔW's singular values, descending), followed by the spectral features.
+Plain argparse, no Dagster; numpy, torch and pandas are imported only when the
+command runs, so ``lab --help`` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from lab_assets.cli.common import add_command
 
 _SUMMARY_COLUMNS = [
     "module",
@@ -25,10 +28,16 @@ _SUMMARY_COLUMNS = [
 ]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lab spectrum",
-        description="Singular values and spectral features of a PEFT LoRA adapter's updates.",
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        subparsers,
+        "spectrum",
+        purpose="Write the singular values and spectral features of a PEFT LoRA adapter.",
+        help="spectral features of a PEFT LoRA adapter",
+        examples=[
+            "lab spectrum path/to/adapter --base path/to/base_model --out spectrum.parquet",
+        ],
+        fn=_cmd_spectrum,
     )
     parser.add_argument("adapter_dir", type=Path, help="PEFT adapter directory")
     parser.add_argument(
@@ -46,15 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         help="singular triplets of the base used for base-relative features (default 16)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE.parquet")
-    return parser
 
 
-def spectrum_main(argv: list[str]) -> int:
+def _cmd_spectrum(args: argparse.Namespace) -> int:
     """Run ``lab spectrum``; returns the exit code (2 for bad input or an unsupported adapter)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
-        return int(exc.code or 0)
     # Imported here so `lab --help` does not pay for numpy/torch/pandas.
     import pandas as pd
 
@@ -82,7 +86,3 @@ def spectrum_main(argv: list[str]) -> int:
         print(df[columns].to_string(index=False, max_rows=40))
     print(f"{len(df)} modules -> {args.out}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(spectrum_main(sys.argv[1:]))

@@ -6,8 +6,9 @@
 
 Every asset writes real files into a scratch directory and returns it; the IO
 manager commits it to storage with a manifest, then the asset's integrity check
-re-reads what was stored. Adapter training runs through the step launcher, so the
-same code runs in a local worker or on a GCE VM.
+(``checks.py``) re-reads what was stored. Each output carries its recipe
+(``recipe_output.py``). Adapter training runs through the step launcher, so the
+same code runs in a local worker or on a GCE VM. One factory per asset.
 """
 
 import json
@@ -18,80 +19,62 @@ from pathlib import Path
 
 import pandas as pd
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
     BetaWarning,
-    DataVersion,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
-    Output,
     asset,
 )
 
+from lab_assets.defs.checks import manifest_check_result, manifest_check_specs
 from lab_assets.defs.metadata import line_plot_png, markdown_table, png_markdown
 from lab_assets.defs.partitions import LabPartitions
+from lab_assets.defs.recipe_output import output_with_recipe
 from lab_assets.defs.scratch import output_dir
 from lab_assets.experiment.keys import split_adapter_key
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import TinySource
-from lab_assets.experiment.versions import CODE_VERSIONS, recipe, ref, upstream
-from lab_assets.names import GPU_POOL
+from lab_assets.experiment.versions import CODE_VERSIONS
+from lab_assets.names import (
+    ADAPTER,
+    ASSET_GROUP,
+    BASE_MODEL,
+    BASE_SPECTRUM,
+    CLASSIFICATION,
+    GPU_POOL,
+    SPECTRAL_FEATURES,
+)
 from resources.io_manager import LabStorage
 from resources.model_cache import ModelCache
 from resources.remote.checkpointing import preemptible_training
 
-GROUP = "task_geometry"
 BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
 FEATURES_FILE = "features.parquet"
 
 
-def _integrity_check(storage: LabStorage, asset_name: str, partition: str | None):
-    problems = storage.store.verify(asset_name, partition)
-    return AssetCheckResult(
-        check_name="manifest_intact",
-        passed=not problems,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
-    )
-
-
-def _check(name: str) -> list[AssetCheckSpec]:
-    return [
-        AssetCheckSpec(
-            "manifest_intact",
-            asset=name,
-            description="every stored file matches the partition manifest (size and sha256)",
-        )
-    ]
-
-
 def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition]:
-    def stored(storage: LabStorage, asset_name: str, partition: str | None, out, meta: dict):
-        """The output with its recipe, built from the fingerprints of the inputs it read."""
-        inputs = {}
-        for a, q in upstream(exp, asset_name, partition):
-            m = storage.store.read_manifest(a, q)
-            inputs[ref(a, q)] = m.metadata.get("fingerprint", "unrecorded") if m else "missing"
-        r = recipe(exp, asset_name, partition, inputs)
-        meta = {**meta, "lab/fingerprint": r.fingerprint, "lab/recipe": r.to_dict()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BetaWarning)  # data_version= is beta in 1.13
-            return Output(out, metadata=meta, data_version=DataVersion(r.fingerprint))
-
     with warnings.catch_warnings():
         # Beta in 1.13, and the documented way to map model × run onto model.
         warnings.simplefilter("ignore", BetaWarning)
         by_model = MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+    return [
+        _base_model_asset(exp, parts),
+        _base_spectrum_asset(exp, parts),
+        _adapter_asset(exp, parts, by_model),
+        _spectral_features_asset(exp, parts, by_model),
+        _classification_asset(exp),
+    ]
 
+
+def _base_model_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinition:
     @asset(
+        name=BASE_MODEL,
         partitions_def=parts.models,
-        group_name=GROUP,
-        code_version=CODE_VERSIONS["base_model"],
-        check_specs=_check("base_model"),
+        group_name=ASSET_GROUP,
+        code_version=CODE_VERSIONS[BASE_MODEL],
+        check_specs=manifest_check_specs(BASE_MODEL),
         kinds={"pytorch"},
         description="Base model weights + tokenizer in Hugging Face layout (safetensors).",
     )
@@ -104,7 +87,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             "lab/fingerprint": exp.model_fingerprint(model_id),
             "source": spec.source.kind,
         }
-        with output_dir("base_model") as out:
+        with output_dir(BASE_MODEL) as out:
             if isinstance(spec.source, TinySource):
                 from lab_assets.ml.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -132,14 +115,19 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                     "fetch_seconds": round(fetched.seconds, 3),
                     "cache_tiers_skipped": "; ".join(fetched.skipped) or "none",
                 }
-        yield stored(lab_storage, "base_model", model_id, out, meta)
-        yield _integrity_check(lab_storage, "base_model", model_id)
+        yield output_with_recipe(exp, lab_storage, BASE_MODEL, model_id, out, meta)
+        yield manifest_check_result(lab_storage, BASE_MODEL, model_id)
 
+    return base_model
+
+
+def _base_spectrum_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinition:
     @asset(
+        name=BASE_SPECTRUM,
         partitions_def=parts.models,
-        group_name=GROUP,
-        code_version=CODE_VERSIONS["base_spectrum"],
-        check_specs=_check("base_spectrum"),
+        group_name=ASSET_GROUP,
+        code_version=CODE_VERSIONS[BASE_SPECTRUM],
+        check_specs=manifest_check_specs(BASE_SPECTRUM),
         description="Top-k singular triplets of every targeted base weight matrix.",
     )
     def base_spectrum(context: AssetExecutionContext, lab_storage: LabStorage, base_model: Path):
@@ -149,7 +137,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         t0 = time.perf_counter()
         spectra = compute_base_spectrum(base_model, exp.target_modules(), k)
         seconds = time.perf_counter() - t0
-        with output_dir("base_spectrum") as out:
+        with output_dir(BASE_SPECTRUM) as out:
             save_base_spectrum(spectra, out / BASE_SPECTRUM_FILE)
         rows = [(name, float(s.S[0]), len(s.S)) for name, s in list(spectra.items())[:50]]
         meta = {
@@ -158,15 +146,23 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             "seconds": round(seconds, 3),
             "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
         }
-        yield stored(lab_storage, "base_spectrum", context.partition_key, out, meta)
-        yield _integrity_check(lab_storage, "base_spectrum", context.partition_key)
+        key = context.partition_key
+        yield output_with_recipe(exp, lab_storage, BASE_SPECTRUM, key, out, meta)
+        yield manifest_check_result(lab_storage, BASE_SPECTRUM, key)
 
+    return base_spectrum
+
+
+def _adapter_asset(
+    exp: Experiment, parts: LabPartitions, by_model: MultiToSingleDimensionPartitionMapping
+) -> AssetsDefinition:
     @asset(
+        name=ADAPTER,
         partitions_def=parts.adapters,
-        group_name=GROUP,
-        code_version=CODE_VERSIONS["adapter"],
-        check_specs=_check("adapter"),
-        ins={"base_model": AssetIn(partition_mapping=by_model)},
+        group_name=ASSET_GROUP,
+        code_version=CODE_VERSIONS[ADAPTER],
+        check_specs=manifest_check_specs(ADAPTER),
+        ins={BASE_MODEL: AssetIn(partition_mapping=by_model)},
         required_resource_keys={"step_launcher", "lab_storage"},
         pool=GPU_POOL,
         kinds={"pytorch"},
@@ -179,7 +175,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         run = exp.run(run_id)
         spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
         context.log.info(f"training {run_id} on {model_id}: {spec}")
-        with output_dir("adapter") as out:
+        with output_dir(ADAPTER) as out:
             result = train_adapter(
                 base_model, out, spec, log=context.log.info, **preemptible_training()
             )
@@ -197,18 +193,26 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             "precision": result.precision,
             "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
         }
-        yield stored(context.resources.lab_storage, "adapter", context.partition_key, out, meta)
-        yield _integrity_check(context.resources.lab_storage, "adapter", context.partition_key)
+        storage, key = context.resources.lab_storage, context.partition_key
+        yield output_with_recipe(exp, storage, ADAPTER, key, out, meta)
+        yield manifest_check_result(storage, ADAPTER, key)
 
+    return adapter
+
+
+def _spectral_features_asset(
+    exp: Experiment, parts: LabPartitions, by_model: MultiToSingleDimensionPartitionMapping
+) -> AssetsDefinition:
     @asset(
+        name=SPECTRAL_FEATURES,
         partitions_def=parts.adapters,
-        group_name=GROUP,
-        code_version=CODE_VERSIONS["spectral_features"],
-        check_specs=_check("spectral_features"),
+        group_name=ASSET_GROUP,
+        code_version=CODE_VERSIONS[SPECTRAL_FEATURES],
+        check_specs=manifest_check_specs(SPECTRAL_FEATURES),
         ins={
-            "adapter": AssetIn(),
-            "base_spectrum": AssetIn(partition_mapping=by_model),
-            "base_model": AssetIn(partition_mapping=by_model),
+            ADAPTER: AssetIn(),
+            BASE_SPECTRUM: AssetIn(partition_mapping=by_model),
+            BASE_MODEL: AssetIn(partition_mapping=by_model),
         },
         kinds={"pandas", "parquet"},
         description="Per-module spectral features of ΔW = scale·B@A and of its relation to the base.",
@@ -235,35 +239,42 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
         df.insert(4, "task", run.task)
         df.insert(5, "seed", run.seed)
         seconds = time.perf_counter() - t0
-        with output_dir("spectral_features") as out:
+        with output_dir(SPECTRAL_FEATURES) as out:
             df.to_parquet(out / FEATURES_FILE, index=False)
-        preview_cols = [
-            c
-            for c in (
-                "module",
-                "spectral_norm",
-                "stable_rank",
-                "effective_rank",
-                "subspace_overlap",
-                "intruder_dims",
-            )
-            if c in df.columns
-        ]
-        meta = {
-            "modules": len(df),
-            "seconds": round(seconds, 4),
-            "mean_stable_rank": float(df["stable_rank"].mean()),
-            "max_spectral_norm": float(df["spectral_norm"].max()),
-            "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
-        }
-        yield stored(lab_storage, "spectral_features", context.partition_key, out, meta)
-        yield _integrity_check(lab_storage, "spectral_features", context.partition_key)
+        key = context.partition_key
+        meta = _features_metadata(df, seconds)
+        yield output_with_recipe(exp, lab_storage, SPECTRAL_FEATURES, key, out, meta)
+        yield manifest_check_result(lab_storage, SPECTRAL_FEATURES, key)
 
+    return spectral_features
+
+
+def _features_metadata(df: pd.DataFrame, seconds: float) -> dict:
+    preview = (
+        "module",
+        "spectral_norm",
+        "stable_rank",
+        "effective_rank",
+        "subspace_overlap",
+        "intruder_dims",
+    )
+    preview_cols = [c for c in preview if c in df.columns]
+    return {
+        "modules": len(df),
+        "seconds": round(seconds, 4),
+        "mean_stable_rank": float(df["stable_rank"].mean()),
+        "max_spectral_norm": float(df["spectral_norm"].max()),
+        "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
+    }
+
+
+def _classification_asset(exp: Experiment) -> AssetsDefinition:
     @asset(
-        group_name=GROUP,
-        code_version=CODE_VERSIONS["classification_results"],
-        check_specs=_check("classification_results"),
-        ins={"spectral_features": AssetIn()},
+        name=CLASSIFICATION,
+        group_name=ASSET_GROUP,
+        code_version=CODE_VERSIONS[CLASSIFICATION],
+        check_specs=manifest_check_specs(CLASSIFICATION),
+        ins={SPECTRAL_FEATURES: AssetIn()},
         kinds={"scikitlearn"},
         description="Method and task classified from spectral features, with grouped CV.",
     )
@@ -286,7 +297,7 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
             for target in ("method", "task")
         }
         meta: dict = {"adapters": len(X), "features": X.shape[1]}
-        with output_dir("classification_results") as out:
+        with output_dir(CLASSIFICATION) as out:
             plot_report(reports, out / "classification.png")
             results = {t: report_to_dict(r) for t, r in reports.items()}
             (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -294,23 +305,30 @@ def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition
                 out / "feature_matrix.parquet"
             )
             meta["plot"] = png_markdown(out / "classification.png", "confusion matrices")
-        for target, res in results.items():
-            for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high", "model"):
-                if k in res:
-                    v = res[k]
-                    meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
-            meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}"
-            meta[f"{target}_top_features"] = markdown_table(
-                ["feature", "importance"], res["top_features"][:10]
-            )
-            meta[f"{target}_confusion"] = markdown_table(
-                ["true \\ pred", *res["labels"]],
-                [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
-            )
-        yield stored(lab_storage, "classification_results", None, out, meta)
-        yield _integrity_check(lab_storage, "classification_results", None)
+        meta |= _classification_metadata(results)
+        yield output_with_recipe(exp, lab_storage, CLASSIFICATION, None, out, meta)
+        yield manifest_check_result(lab_storage, CLASSIFICATION, None)
 
-    return [base_model, base_spectrum, adapter, spectral_features, classification_results]
+    return classification_results
+
+
+def _classification_metadata(results: dict[str, dict]) -> dict:
+    """Per target: the scalar results, the CV, top features and confusion matrix."""
+    meta: dict = {}
+    for target, res in results.items():
+        for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high", "model"):
+            if k in res:
+                v = res[k]
+                meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
+        meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}"
+        meta[f"{target}_top_features"] = markdown_table(
+            ["feature", "importance"], res["top_features"][:10]
+        )
+        meta[f"{target}_confusion"] = markdown_table(
+            ["true \\ pred", *res["labels"]],
+            [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
+        )
+    return meta
 
 
 def _labels(exp: Experiment, key: str) -> dict:

@@ -1,7 +1,8 @@
 """The resources an experiment's definitions bind: storage, IO manager, model cache, launcher.
 
-For an experiment with ``compute: {kind: gce}``, one place turns the experiment file (validated by ``config``) into the values the
-generic launcher in ``resources/`` takes, so the Dagster definitions, the
+For an experiment with ``compute: {kind: gce}``, one place turns the experiment file
+(its ``compute`` section is ``resources.compute.gce.settings.GceSettings``) into the
+launcher's config (``LaunchSettings``), so the Dagster definitions, the
 ``lab launch`` / ``lab vms`` / ``lab image`` commands and the reaper sensor all
 agree on project, zones, prices, budget and staging location.
 """
@@ -12,7 +13,8 @@ from typing import Any
 
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import GceCompute
-from resources.compute.gce.launcher import GceSettings, GceStepLauncherResource
+from resources.compute.gce.launcher import GceStepLauncherResource
+from resources.compute.gce.settings import LaunchSettings
 from resources.compute.local.launcher import LocalStepLauncher
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.model_cache import ModelCache
@@ -49,28 +51,10 @@ def gce_compute(exp: Experiment) -> GceCompute:
 
 
 def launcher_fields(exp: Experiment) -> dict[str, Any]:
-    """The GCE launcher resource's config, from the experiment."""
-    c = gce_compute(exp)
+    """The GCE launcher resource's config: the experiment's settings plus what a launch is for."""
     return {
-        "project": c.project,
-        "zones": list(c.zones),
-        "machine_type": c.machine_type,
-        "gpu_type": c.gpu_type,
-        "gpu_count": c.gpu_count,
-        "spot": c.spot,
-        "image_family": c.image_family,
-        "image_project": c.image_project,
-        "fallback_image_family": c.fallback_image_family,
-        "fallback_image_project": c.fallback_image_project,
-        "boot_disk_gb": c.boot_disk_gb,
-        "max_run_duration_s": c.max_run_duration_s,
-        "max_preemptions": c.max_preemptions,
-        "service_account": c.service_account,
-        "hourly_usd": dict(c.hourly_usd),
-        "gpu_zones": {g: {z: list(t) for z, t in zs.items()} for g, zs in c.gpu_zones.items()},
+        **gce_compute(exp).model_dump(exclude={"kind"}),
         "budget_usd": exp.file.budget.max_usd,
-        "keep_vm": c.keep_vm,
-        "keep_vm_hours": c.keep_vm_hours,
         "storage_root": exp.storage_root,
         "experiment": exp.name,
         "experiment_file": str(exp.path),
@@ -86,5 +70,6 @@ def gce_launcher_resource(exp: Experiment):
     return GceStepLauncherResource.configure_at_launch(**launcher_fields(exp))
 
 
-def gce_settings(exp: Experiment, **changes: Any) -> GceSettings:
-    return GceStepLauncherResource(**{**launcher_fields(exp), **changes}).settings()
+def gce_settings(exp: Experiment, **changes: Any) -> LaunchSettings:
+    """A launch's settings from the experiment, `changes` (e.g. the per-run overrides) on top."""
+    return LaunchSettings(**{**launcher_fields(exp), **changes})

@@ -4,7 +4,7 @@ The reconcile sensor records complete partitions that storage holds and this
 Dagster instance does not know (manifest present, fingerprint read from it), so a
 fresh instance recomputes nothing.
 
-For experiments whose compute is ``gce``, every few minutes the reaper it lists the project's lab VMs of this experiment and deletes
+For experiments whose compute is ``gce``, every few minutes the reaper lists the project's lab VMs of this experiment and deletes
 those whose Dagster run has ended (the launcher should have deleted them: an
 orchestrator was killed mid-step), those kept with ``keep_vm`` past their time,
 and those older than ``compute.reap_after_s``. It never requests runs; each tick

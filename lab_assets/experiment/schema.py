@@ -7,14 +7,13 @@ error that names the file and the field at fault (``load``).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lab_assets.ml import LLAMA_TARGET_MODULES
 from lab_assets.ml.tasks import TASKS
-from resources.compute.gce.vm_spec import DLVM_FAMILY, DLVM_PROJECT
+from resources.compute.gce.settings import GceSettings
 
 
 class ExperimentError(ValueError):
@@ -161,71 +160,11 @@ class LocalCompute(_Strict):
     kind: Literal["local"]
 
 
-class GceCompute(_Strict):
-    """Disposable GCE VMs for GPU steps (used by the GCE step launcher)."""
+class GceCompute(GceSettings):
+    """Disposable GCE VMs for GPU steps: the GCE launcher's settings, every field and bound
+    (``resources.compute.gce.settings.GceSettings``), under ``kind: gce``."""
 
     kind: Literal["gce"]
-    project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-    zones: tuple[str, ...] = Field(min_length=1)
-    machine_type: str = Field(min_length=1)
-    gpu_type: str = Field(min_length=1)
-    gpu_count: int = Field(1, ge=1, le=16)
-    spot: bool = True
-    image_family: str = Field("task-geometry-lab", pattern=r"^[a-z][a-z0-9-]{0,62}$")
-    image_project: str | None = None
-    boot_disk_gb: int = Field(100, ge=10)
-    max_run_duration_s: int = Field(4 * 3600, ge=60)
-    max_preemptions: int = Field(3, ge=0)
-    service_account: str | None = None
-    # Price per hour, keyed by machine type and by GPU type (per GPU); "<name>:spot"
-    # keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
-    hourly_usd: dict[str, float] = Field(default_factory=dict)
-    # Where each GPU can be had: {gpu_type: {zone: [machine types]}}, in preference
-    # order; zone failover walks it (within `zones`).
-    gpu_zones: dict[str, dict[str, tuple[str, ...]]] = Field(default_factory=dict)
-    # Leave the VM running after the step (to ssh in); the reaper deletes it after
-    # keep_vm_hours, maxRunDuration in any case.
-    keep_vm: bool = False
-    keep_vm_hours: float = Field(2.0, gt=0)
-    # The reaper deletes lab VMs older than this (default: max_run_duration_s + 10 min).
-    reap_after_s: int | None = Field(None, ge=60)
-    # A Deep Learning VM image family used when `image_family` has no image yet.
-    fallback_image_family: str = Field(DLVM_FAMILY, pattern=r"^[a-z][a-z0-9-]{0,62}$")
-    fallback_image_project: str = DLVM_PROJECT
-
-    @field_validator("zones")
-    @classmethod
-    def _zones(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for z in v:
-            if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", z):
-                raise ValueError(f"{z!r} is not a zone name like 'us-central1-a'")
-        return v
-
-    @field_validator("gpu_zones")
-    @classmethod
-    def _gpu_zones(
-        cls, v: dict[str, dict[str, tuple[str, ...]]]
-    ) -> dict[str, dict[str, tuple[str, ...]]]:
-        for gpu, by_zone in v.items():
-            for z, types in by_zone.items():
-                if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", z):
-                    raise ValueError(f"{gpu}: {z!r} is not a zone name like 'us-central1-a'")
-                if not types:
-                    raise ValueError(f"{gpu}.{z}: list at least one machine type")
-        return v
-
-    @model_validator(mode="after")
-    def _gpu_reachable(self) -> GceCompute:
-        registry = self.gpu_zones.get(self.gpu_type)
-        if registry is not None and not set(registry) & set(self.zones):
-            raise ValueError(
-                f"gpu_zones.{self.gpu_type} lists no zone of `zones` {list(self.zones)}"
-            )
-        return self
-
-    @property
-    def reap_after(self) -> int:
-        return self.reap_after_s or self.max_run_duration_s + 600
 
 
 class SweepSpec(_Strict):

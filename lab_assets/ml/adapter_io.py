@@ -180,12 +180,6 @@ def _module_name(key: str, suffix: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
-def list_lora_modules(adapter_dir: str | Path) -> list[str]:
-    """Base-model names of the adapted modules, in natural (layer) order, after validation."""
-    _, _, pairs = _index_adapter(adapter_dir)
-    return list(pairs)
-
-
 def _index_adapter(
     adapter_dir: str | Path,
 ) -> tuple[dict[str, Any], Path, dict[str, tuple[str, str]]]:

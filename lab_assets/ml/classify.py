@@ -278,30 +278,10 @@ def _make_model(kind: str, n_features: int, seed: int) -> Any:
     raise ValueError(f"unknown model {kind!r}")
 
 
-def classify(
-    X: pd.DataFrame,
-    y: pd.Series,
-    groups: pd.Series,
-    n_permutations: int = 200,
-    seed: int = 0,
-    *,
-    include_forest: bool = False,
-) -> ClassificationReport:
-    """Grouped-CV classification of ``y`` from ``X`` with accuracy, CI, chance and p-value.
-
-    ``GroupKFold`` with ``min(5, n_groups)`` folds (leave-one-group-out when there
-    are at most 5 groups). The model is a logistic regression (L2, C=0.1) on the
-    ``MAX_SELECTED_FEATURES`` best univariate features of standardised inputs;
-    ``include_forest=True`` also tries a random forest and keeps the better by CV
-    accuracy (its permutation test is then much slower: about a minute).
-    Accuracy pools the out-of-fold predictions; the Wilson 95% CI is over those
-    ``n_samples`` predictions; chance is the majority-class rate; the p-value is
-    from ``permutation_test_score`` with the same groups and folds.
-    """
-    from sklearn.metrics import confusion_matrix
-    from sklearn.model_selection import GroupKFold, cross_val_predict, permutation_test_score
-    from threadpoolctl import threadpool_limits
-
+def _aligned_targets(
+    X: pd.DataFrame, y: pd.Series, groups: pd.Series
+) -> tuple[pd.Series, pd.Series, list[str], int]:
+    """``y`` and ``groups`` indexed like ``X``, the sorted labels and the number of groups."""
     y = pd.Series(y).reindex(X.index) if isinstance(y, pd.Series) else pd.Series(y, X.index)
     groups = (
         pd.Series(groups).reindex(X.index)
@@ -316,22 +296,45 @@ def classify(
     n_groups = int(groups.nunique())
     if n_groups < 2:
         raise ValueError("need at least two groups for grouped cross-validation")
+    return y, groups, labels, n_groups
 
-    Xp = _preprocess(X)
-    if Xp.shape[1] == 0:
-        raise ValueError("no informative (non-constant, non-missing) features")
-    Xa = Xp.to_numpy()
-    ya = y.astype(str).to_numpy()
-    ga = groups.to_numpy()
+
+def _grouped_cv(n_groups: int) -> tuple[Any, str]:
+    """``GroupKFold`` with ``min(5, n_groups)`` folds, and its name in the report."""
+    from sklearn.model_selection import GroupKFold
+
     n_splits = min(5, n_groups)
-    cv = GroupKFold(n_splits=n_splits)
-    cv_name = (
+    name = (
         f"LeaveOneGroupOut ({n_groups} groups)"
         if n_splits == n_groups
         else f"GroupKFold({n_splits}) over {n_groups} groups"
     )
+    return GroupKFold(n_splits=n_splits), name
 
-    kinds = ["logistic_regression"] + (["random_forest"] if include_forest else [])
+
+@dataclass
+class _Fit:
+    best: str
+    predictions: dict[str, np.ndarray]
+    cv_accuracy: dict[str, float]
+    permutation_scores: np.ndarray
+    p_value: float
+    final: Any
+
+
+def _fit_and_test(
+    Xa: np.ndarray,
+    ya: np.ndarray,
+    ga: np.ndarray,
+    cv: Any,
+    kinds: list[str],
+    n_permutations: int,
+    seed: int,
+) -> _Fit:
+    """Out-of-fold predictions per model kind, the best one's permutation test and final fit."""
+    from sklearn.model_selection import cross_val_predict, permutation_test_score
+    from threadpoolctl import threadpool_limits
+
     # Many tiny fits: BLAS/OpenMP threads only add contention here.
     with threadpool_limits(1):
         preds: dict[str, np.ndarray] = {}
@@ -353,22 +356,63 @@ def classify(
             scoring=None,  # the estimator's own accuracy: cheaper than a scorer
         )
         final = _make_model(best, Xa.shape[1], seed).fit(Xa, ya)
+    return _Fit(best, preds, cv_acc, perm_scores, p_value, final)
+
+
+def _top_features(best: str, final: Any, columns: np.ndarray) -> tuple[list, str]:
+    """The ten most important features of the final model, and how importance was measured."""
+    if best == "logistic_regression":
+        names = columns[final.support_]
+        importance = np.abs(final.coef_).mean(axis=0)
+        method = "mean |coef| of the standardised logistic regression (all data)"
+    else:
+        names = columns[final.named_steps["select"].get_support()]
+        importance = final.named_steps["clf"].feature_importances_
+        method = "random-forest impurity importance (all data)"
+    order = np.argsort(importance)[::-1][:10]
+    return [(str(names[i]), float(importance[i])) for i in order], method
+
+
+def classify(
+    X: pd.DataFrame,
+    y: pd.Series,
+    groups: pd.Series,
+    n_permutations: int = 200,
+    seed: int = 0,
+    *,
+    include_forest: bool = False,
+) -> ClassificationReport:
+    """Grouped-CV classification of ``y`` from ``X`` with accuracy, CI, chance and p-value.
+
+    ``GroupKFold`` with ``min(5, n_groups)`` folds (leave-one-group-out when there
+    are at most 5 groups). The model is a logistic regression (L2, C=0.1) on the
+    ``MAX_SELECTED_FEATURES`` best univariate features of standardised inputs;
+    ``include_forest=True`` also tries a random forest and keeps the better by CV
+    accuracy (its permutation test is then much slower: about a minute).
+    Accuracy pools the out-of-fold predictions; the Wilson 95% CI is over those
+    ``n_samples`` predictions; chance is the majority-class rate; the p-value is
+    from ``permutation_test_score`` with the same groups and folds.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    y, groups, labels, n_groups = _aligned_targets(X, y, groups)
+    Xp = _preprocess(X)
+    if Xp.shape[1] == 0:
+        raise ValueError("no informative (non-constant, non-missing) features")
+    Xa = Xp.to_numpy()
+    ya = y.astype(str).to_numpy()
+    ga = groups.to_numpy()
+    cv, cv_name = _grouped_cv(n_groups)
+    kinds = ["logistic_regression"] + (["random_forest"] if include_forest else [])
+    fit = _fit_and_test(Xa, ya, ga, cv, kinds, n_permutations, seed)
+    best, preds, cv_acc = fit.best, fit.predictions, fit.cv_accuracy
 
     correct = int(np.sum(preds[best] == ya))
     ci_low, ci_high = wilson_interval(correct, len(ya))
     chance = float(pd.Series(ya).value_counts(normalize=True).max())
     cm = confusion_matrix(ya, preds[best], labels=labels)
-
-    if best == "logistic_regression":
-        names = np.asarray(Xp.columns)[final.support_]
-        importance = np.abs(final.coef_).mean(axis=0)
-        method = "mean |coef| of the standardised logistic regression (all data)"
-    else:
-        names = np.asarray(Xp.columns)[final.named_steps["select"].get_support()]
-        importance = final.named_steps["clf"].feature_importances_
-        method = "random-forest impurity importance (all data)"
-    order = np.argsort(importance)[::-1][:10]
-    top = [(str(names[i]), float(importance[i])) for i in order]
+    top, method = _top_features(best, fit.final, np.asarray(Xp.columns))
+    perm_scores, p_value = fit.permutation_scores, fit.p_value
 
     return ClassificationReport(
         model=best,

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -186,11 +187,6 @@ def train_adapter(
     ``extra_callbacks`` are added to the Trainer's (e.g. the GCE launcher's
     checkpoint-on-preemption callback).
     """
-    # Imported here: TRL/PEFT/datasets are heavy and only this function needs them.
-    import datasets
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
     # Fail before loading anything on an unknown task.
@@ -202,44 +198,86 @@ def train_adapter(
     out_dir = Path(out_dir)
     device, precision = _device_and_precision()
 
-    peft_config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        target_modules=list(spec.target_modules),
-        use_rslora=spec.use_rslora,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
     scratch: str | None = None
     resume: Path | None = None
     if checkpoint_dir is not None:
         trainer_dir = Path(checkpoint_dir)
-        trainer_dir.mkdir(parents=True, exist_ok=True)
-        first_device, first_precision = _claim_checkpoint_dir(trainer_dir, spec, device, precision)
-        resume = _latest_checkpoint(trainer_dir)
-        if resume is not None and (first_device, first_precision) != (device, precision):
-            log(f"note: resuming a {first_device}/{first_precision} run on {device}/{precision}")
-        done, curve = _checkpoint_losses(resume) if resume is not None else (0, [])
-        if done > spec.steps:
-            raise ValueError(f"{resume} is past step {spec.steps}: it belongs to a longer run")
-        if done == spec.steps:
-            # Training finished but the adapter was not exported: the Trainer would
-            # run one extra step when resumed here, so export the checkpoint as is.
-            log(f"{resume} is the finished run; exporting it")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name in _ADAPTER_FILES:
-                shutil.copyfile(resume / name, out_dir / name)
-            with safe_open(str(out_dir / _ADAPTER_FILES[0]), framework="pt") as f:
-                n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-            return _result(spec, curve, done, t0, n_params, first_device, first_precision, log)
+        resume, finished = _resume_point(trainer_dir, out_dir, spec, device, precision, t0, log)
+        if finished is not None:
+            return finished
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix=f".{out_dir.name}-trainer-", dir=out_dir.parent)
         trainer_dir = Path(scratch)
+    args = _trainer_args(
+        spec, trainer_dir, device, precision, checkpoint_dir is not None, checkpoint_every
+    )
 
-    common = dict(
+    with contextlib.ExitStack() as stack:
+        if scratch is not None:
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        stack.enter_context(_quiet())
+        if device == "cpu" and cpu_threads is not None:
+            stack.enter_context(torch_cpu_threads(cpu_threads))
+        callbacks = [_LossLogger(log, spec.method), *extra_callbacks]
+        trainer = _make_trainer(base_model_dir, spec, data, args, precision, callbacks)
+        if resume is not None:
+            log(f"resuming from {resume}")
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+        peft_model = trainer.model
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(out_dir)
+        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        # After a resume, log_history also holds the steps from before the restart.
+        loss_curve = _loss_curve(trainer.state.log_history)
+        global_step = int(trainer.state.global_step)
+    return _result(spec, loss_curve, global_step, t0, trainable, device, precision, log)
+
+
+def _resume_point(
+    trainer_dir: Path,
+    out_dir: Path,
+    spec: TrainSpec,
+    device: str,
+    precision: str,
+    t0: float,
+    log: Callable[[str], None],
+) -> tuple[Path | None, TrainResult | None]:
+    """The checkpoint to resume from, or the result of a finished run exported as is."""
+    trainer_dir.mkdir(parents=True, exist_ok=True)
+    first_device, first_precision = _claim_checkpoint_dir(trainer_dir, spec, device, precision)
+    resume = _latest_checkpoint(trainer_dir)
+    if resume is not None and (first_device, first_precision) != (device, precision):
+        log(f"note: resuming a {first_device}/{first_precision} run on {device}/{precision}")
+    done, curve = _checkpoint_losses(resume) if resume is not None else (0, [])
+    if done > spec.steps:
+        raise ValueError(f"{resume} is past step {spec.steps}: it belongs to a longer run")
+    if resume is None or done < spec.steps:
+        return resume, None
+    # Training finished but the adapter was not exported: the Trainer would
+    # run one extra step when resumed here, so export the checkpoint as is.
+    log(f"{resume} is the finished run; exporting it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in _ADAPTER_FILES:
+        shutil.copyfile(resume / name, out_dir / name)
+    with safe_open(str(out_dir / _ADAPTER_FILES[0]), framework="pt") as f:
+        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    finished = _result(spec, curve, done, t0, n_params, first_device, first_precision, log)
+    return resume, finished
+
+
+def _trainer_args(
+    spec: TrainSpec,
+    trainer_dir: Path,
+    device: str,
+    precision: str,
+    checkpointing: bool,
+    checkpoint_every: int,
+) -> dict[str, Any]:
+    """Arguments shared by ``SFTConfig`` and ``DPOConfig``."""
+    return dict(
         output_dir=str(trainer_dir),
         max_steps=spec.steps,
         per_device_train_batch_size=spec.batch_size,
@@ -261,59 +299,63 @@ def train_adapter(
         activation_checkpointing=False,
         max_length=spec.max_length,
         dataloader_num_workers=0,
-        save_strategy="steps" if checkpoint_dir is not None else "no",
+        save_strategy="steps" if checkpointing else "no",
         save_steps=max(1, checkpoint_every),
         save_total_limit=2,
     )
 
-    with contextlib.ExitStack() as stack:
-        if scratch is not None:
-            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        stack.enter_context(_quiet())
-        if device == "cpu" and cpu_threads is not None:
-            stack.enter_context(torch_cpu_threads(cpu_threads))
 
-        tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+def _make_trainer(
+    base_model_dir: str | Path,
+    spec: TrainSpec,
+    data: list[dict],
+    args: dict[str, Any],
+    precision: str,
+    callbacks: list[TrainerCallback],
+) -> Any:
+    """The TRL trainer for ``spec.method``, with a LoRA ``peft_config`` on the base model."""
+    # Imported here: TRL/PEFT/datasets are heavy and only training needs them.
+    import datasets
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    peft_config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        use_rslora=spec.use_rslora,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+    )
+    train_dataset = datasets.Dataset.from_list(data)
+    if spec.method == "lora_sft":
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**args, packing=False, completion_only_loss=True),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
         )
-        train_dataset = datasets.Dataset.from_list(data)
-        callbacks = [_LossLogger(log, spec.method), *extra_callbacks]
-        if spec.method == "lora_sft":
-            trainer = SFTTrainer(
-                model=model,
-                args=SFTConfig(**common, packing=False, completion_only_loss=True),
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=callbacks,
-            )
-        else:
-            # No ref_model: with a peft_config, DPOTrainer scores the reference
-            # with the adapters disabled, i.e. the base model.
-            trainer = DPOTrainer(
-                model=model,
-                args=DPOConfig(**common, beta=spec.dpo_beta),
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=callbacks,
-            )
-        # With disable_tqdm the Trainer prints every log dict to stdout instead.
-        trainer.remove_callback(PrinterCallback)
-        if resume is not None:
-            log(f"resuming from {resume}")
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-
-        peft_model = trainer.model
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(out_dir)
-        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-        # After a resume, log_history also holds the steps from before the restart.
-        loss_curve = _loss_curve(trainer.state.log_history)
-        global_step = int(trainer.state.global_step)
-    return _result(spec, loss_curve, global_step, t0, trainable, device, precision, log)
+    else:
+        # No ref_model: with a peft_config, DPOTrainer scores the reference
+        # with the adapters disabled, i.e. the base model.
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**args, beta=spec.dpo_beta),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    # With disable_tqdm the Trainer prints every log dict to stdout instead.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _result(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lab_assets.cli.fetch import fetch_main
+from lab_assets.cli.main import main
 from lab_assets_tests.conftest import SMALL_EXPERIMENT
 from lab_assets_tests.fakes.gcs_emulator import Emulator
-from resources.storage.base import MANIFEST_NAME, open_store
+from resources.storage.base import MANIFEST_NAME
+from resources.storage.open import open_store
 
 BUCKET = "fetch-test"
 EXPERIMENT = "small"  # the name in SMALL_EXPERIMENT
@@ -107,7 +108,7 @@ def without_manifests(t: dict[str, bytes]) -> dict[str, bytes]:
 
 def test_fetch_twice_is_idempotent_and_never_nests(root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert fetch_main(["--no-progress"]) == 0
+    assert main(["fetch", "--no-progress"]) == 0
     first = capsys.readouterr().out
     dest = tmp_path / "results"
     assert without_manifests(tree(dest)) == expected_results()
@@ -115,7 +116,7 @@ def test_fetch_twice_is_idempotent_and_never_nests(root, tmp_path, monkeypatch, 
     assert "copied 7 files" in first
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
 
-    assert fetch_main(["--no-progress"]) == 0
+    assert main(["fetch", "--no-progress"]) == 0
     second = capsys.readouterr().out
     assert "copied 0 files (0.0 MB), 7 already up to date, removed 0" in second
     assert not (dest / "results").exists()
@@ -125,13 +126,13 @@ def test_fetch_twice_is_idempotent_and_never_nests(root, tmp_path, monkeypatch, 
 
 def test_fetch_replaces_changed_files_and_removes_stale_ones(root, tmp_path, capsys):
     dest = tmp_path / "out"
-    assert fetch_main(["--dest", str(dest), "--no-progress"]) == 0
+    assert main(["fetch", "--dest", str(dest), "--no-progress"]) == 0
     part = dest / "spectral_features" / "tiny-test|dpo-arith-r4-s0"
     (part / "features.parquet").write_bytes(b"B" * 6999 + b"C")  # same size, other bytes
     (part / "leftover.tmp").write_bytes(b"x")
     (dest / "logs" / "orchestrator.log").write_bytes(b"truncated")
     capsys.readouterr()
-    assert fetch_main(["--dest", str(dest), "--no-progress"]) == 0
+    assert main(["fetch", "--dest", str(dest), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "copied 2 files" in out and "removed 1" in out
     assert without_manifests(tree(dest)) == expected_results()
@@ -139,18 +140,18 @@ def test_fetch_replaces_changed_files_and_removes_stale_ones(root, tmp_path, cap
 
 def test_fetch_adapters_on_request(root, tmp_path):
     dest = tmp_path / "out"
-    assert fetch_main(["--dest", str(dest), "--include", "adapters", "--no-progress"]) == 0
+    assert main(["fetch", "--dest", str(dest), "--include", "adapters", "--no-progress"]) == 0
     assert without_manifests(tree(dest)) == expected_results(include_adapters=True)
 
 
 def test_fetch_shows_a_progress_bar(root, tmp_path, capsys):
-    assert fetch_main(["--dest", str(tmp_path / "out")]) == 0
+    assert main(["fetch", "--dest", str(tmp_path / "out")]) == 0
     assert "lab fetch" in capsys.readouterr().err
 
 
 def test_fetch_reports_a_storage_error(tmp_path, monkeypatch, emulator, capsys):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
     monkeypatch.setenv("LAB_EXPERIMENT", str(SMALL_EXPERIMENT))
-    code = fetch_main(["--storage", "gs://no-such-bucket/x", "--dest", str(tmp_path / "o")])
+    code = main(["fetch", "--storage", "gs://no-such-bucket/x", "--dest", str(tmp_path / "o")])
     assert code == 1
     assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err

@@ -11,8 +11,9 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Config, Definitions, asset, in_process_executor
 
 from lab_assets_tests.handshake import wait_for_ack
-from resources.compute.local.launcher import SCRATCH_ENV, LocalStepLauncher
+from resources.compute.local.launcher import LocalStepLauncher
 from resources.io_manager import ArtifactIOManager, LabStorage
+from resources.remote.protocol import SCRATCH_ENV
 
 
 class WorkConfig(Config):

@@ -17,7 +17,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, EventRecordsFil
 from safetensors.numpy import load_file
 
 from lab_assets_tests.conftest import TESTS_DIR, patched_env
-from resources.storage.base import LocalArtifactStore
+from resources.storage.local import LocalArtifactStore
 
 MODEL = "tiny-test"
 

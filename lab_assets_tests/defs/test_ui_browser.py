@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR
-from resources.storage.base import LocalArtifactStore
+from resources.storage.local import LocalArtifactStore
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

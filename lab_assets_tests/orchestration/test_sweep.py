@@ -22,7 +22,7 @@ from lab_assets.experiment.load import load_experiment
 from lab_assets.orchestration.runner import run_planned
 from lab_assets.orchestration.sweep import FRESH, MISSING, STALE, assess, plan_sweep, reconcile
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR, patched_env
-from resources.storage.base import LocalArtifactStore
+from resources.storage.local import LocalArtifactStore
 
 EDITED = "tiny-test|dpo-arith-r4-s1"
 

@@ -31,7 +31,7 @@ import pytest
 from lab_assets_tests.fakes.gcs_emulator import Emulator
 from resources.model_cache import MARKER, ModelCache, ModelCacheError, safetensors_problem
 from resources.storage.gcs.client import make_client, retry_policy
-from resources.storage.gcs.store import GCSSession
+from resources.storage.gcs.session import GCSSession
 
 REPO = "lab-test/tiny-llama"
 TAG = "v1.0"

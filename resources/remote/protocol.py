@@ -38,8 +38,18 @@ DEVICE_ROOT_ENV = "LAB_AGENT_DEVICE_ROOT"  # where attached disks appear (defaul
 
 # -- instance metadata attributes ------------------------------------------------------------
 INSTRUCTIONS_KEY = "lab-launch"  # JSON instructions for the agent
-AGENT_KEY = "lab-agent"  # the agent's source
+AGENT_KEY = "lab-agent"  # the agent's source (its entry point, ``agent.py``)
 PROTOCOL_KEY = "lab-protocol"  # this file's source
+# Every module the agent runs with, by the attribute that ships its source; the
+# startup script writes each to ``$LAB_HOME/agent/resources/remote/<file>``.
+VM_MODULES = {
+    PROTOCOL_KEY: "protocol.py",
+    AGENT_KEY: "agent.py",
+    "lab-agent-metadata": "agent_metadata.py",
+    "lab-agent-sync": "agent_sync.py",
+    "lab-agent-step": "agent_step.py",
+    "lab-agent-image": "agent_image.py",
+}
 
 # -- exit codes ------------------------------------------------------------------------------
 PREEMPTED_EXIT_CODE = 75  # the worker checkpointed and stopped because of a preemption

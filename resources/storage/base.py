@@ -1,21 +1,21 @@
-"""Artifact storage: every asset partition is a directory of real files plus a manifest.
+"""Artifact storage, the bottom layer: what a stored partition is, whatever holds it.
 
 Layout: ``<root>/<experiment>/<asset>/<partition key>/``. A partition is complete
 only when its ``manifest.json`` (file list, sizes, sha256) exists; the manifest is
 written last, so a crash mid-write leaves a partition that reads as missing,
-never as half-there. ``open_store`` picks the backend from the root: a local path
-here, ``gs://bucket/prefix`` through the GCS backend.
+never as half-there.
+
+This module holds what every backend shares: the ``ArtifactStore`` interface, the
+``Manifest`` format, the errors, sha256 helpers and partition-folder naming. It imports
+no backend; the backends (``resources.storage.local``, ``resources.storage.gcs``) build
+on it, and ``resources.storage.open.open_store`` picks one from a storage root.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -147,77 +147,6 @@ class ArtifactStore(ABC):
         return self.read_manifest(asset, partition) is not None
 
 
-class LocalArtifactStore(ArtifactStore):
-    """A local directory tree. Writes stage in a sibling directory and swap in by rename."""
-
-    def _dir(self, asset: str, partition: str | None) -> Path:
-        return Path(self.uri(asset, partition))
-
-    def commit(
-        self, asset: str, partition: str | None, src: Path, metadata: dict[str, Any] | None = None
-    ) -> Manifest:
-        src = Path(src)
-        if not src.is_dir():
-            raise StorageError(f"{asset}[{partition}]: output {src} is not a directory")
-        target = self._dir(asset, partition)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:8]
-        staging = target.parent / f".staging-{token}"
-        try:
-            shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST_NAME))
-            manifest = Manifest(
-                asset=asset,
-                partition=partition_dirname(partition),
-                files=scan_dir(staging),
-                created_at=time.time(),
-                metadata=dict(metadata or {}),
-            )
-            _write_atomic(staging / MANIFEST_NAME, manifest.to_json())
-            old = target.parent / f".old-{token}"
-            if target.exists():
-                # Drop the old manifest first: between the two renames nothing reads as complete.
-                (target / MANIFEST_NAME).unlink(missing_ok=True)
-                target.rename(old)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return manifest
-
-    def read_manifest(self, asset: str, partition: str | None) -> Manifest | None:
-        path = self._dir(asset, partition) / MANIFEST_NAME
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        return Manifest.from_json(text, str(path))
-
-    def local_path(self, asset: str, partition: str | None) -> Path:
-        if self.read_manifest(asset, partition) is None:
-            raise IncompletePartitionError(
-                f"{self.uri(asset, partition)}: partition is missing or incomplete (no manifest)"
-            )
-        return self._dir(asset, partition)
-
-    def list_partitions(self, asset: str) -> list[str]:
-        base = Path(self.root) / self.experiment / asset
-        if not base.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in base.iterdir()
-            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
-        )
-
-    def verify(self, asset: str, partition: str | None) -> list[str]:
-        manifest = self.read_manifest(asset, partition)
-        where = self.uri(asset, partition)
-        if manifest is None:
-            return [f"{where}: no manifest"]
-        return verify_dir(self._dir(asset, partition), manifest, where)
-
-
 def verify_dir(d: Path, manifest: Manifest, where: str) -> list[str]:
     """Check every manifest entry's size and sha256 under `d`."""
     problems = []
@@ -230,23 +159,3 @@ def verify_dir(d: Path, manifest: Manifest, where: str) -> list[str]:
         elif sha256_file(p) != f.sha256:
             problems.append(f"{where}/{f.path}: sha256 mismatch")
     return problems
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def open_store(root: str, experiment: str) -> ArtifactStore:
-    """The store for a storage root: a local path, or `gs://bucket/prefix`."""
-    if root.startswith("gs://"):
-        try:
-            from resources.storage.gcs.store import GCSArtifactStore
-        except ImportError as e:  # pragma: no cover - until the GCS backend lands
-            raise StorageError(f"{root}: the gs:// backend is not available: {e}") from e
-        return GCSArtifactStore(root, experiment)
-    return LocalArtifactStore(root, experiment)

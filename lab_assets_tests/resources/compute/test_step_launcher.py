@@ -7,7 +7,7 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from lab_assets_tests.conftest import TESTS_DIR, scratch_leftovers
 from lab_assets_tests.handshake import acknowledge_when_logged
-from resources.storage.base import LocalArtifactStore
+from resources.storage.local import LocalArtifactStore
 
 
 def _run(instance, mode, handshake_dir=""):

@@ -22,7 +22,7 @@ import pytest
 
 from lab_assets_tests.fakes.fake_compute import REPO_ROOT
 from lab_assets_tests.gce_fixtures import BUCKET
-from resources.remote.agent import CheckpointSync
+from resources.remote.agent_sync import CheckpointSync
 from resources.remote.preemption import PREEMPTED_EXIT_CODE
 from resources.remote.protocol import make_storage_client as storage_client
 

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from lab_assets_tests.fakes.gcs_emulator import Emulator
 from resources.io_manager import ArtifactIOManager, LabStorage
-from resources.storage.base import MANIFEST_NAME, open_store
+from resources.storage.base import MANIFEST_NAME
+from resources.storage.open import open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "pipeline-test"

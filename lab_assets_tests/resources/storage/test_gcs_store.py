@@ -18,19 +18,13 @@ from pathlib import Path
 import pytest
 
 from lab_assets_tests.fakes.gcs_emulator import Emulator, FaultProxy
-from resources.storage.base import (
-    MANIFEST_NAME,
-    IncompletePartitionError,
-    LocalArtifactStore,
-    open_store,
-)
+from resources.storage.base import MANIFEST_NAME, IncompletePartitionError
 from resources.storage.gcs.client import ConcurrentWriteError, GCSError, make_client, retry_policy
-from resources.storage.gcs.store import (
-    COMMIT_DIR_PREFIX,
-    GCSArtifactStore,
-    GCSSession,
-    TransferConfig,
-)
+from resources.storage.gcs.manifest_dir import COMMIT_DIR_PREFIX
+from resources.storage.gcs.session import GCSSession, TransferConfig
+from resources.storage.gcs.store import GCSArtifactStore
+from resources.storage.local import LocalArtifactStore
+from resources.storage.open import open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "lab-test"
@@ -286,7 +280,8 @@ _KILLABLE_COMMIT = """
 import sys
 from pathlib import Path
 from resources.storage.gcs.client import make_client
-from resources.storage.gcs.store import GCSArtifactStore, GCSSession, TransferConfig
+from resources.storage.gcs.session import GCSSession, TransferConfig
+from resources.storage.gcs.store import GCSArtifactStore
 endpoint, prefix, src = sys.argv[1:4]
 session = GCSSession(make_client(endpoint=endpoint), transfer=TransferConfig(max_workers=1))
 store = GCSArtifactStore(f"gs://lab-test/{prefix}", "exp", session=session)

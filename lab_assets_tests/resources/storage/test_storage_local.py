@@ -8,10 +8,10 @@ import pytest
 from resources.storage.base import (
     MANIFEST_NAME,
     IncompletePartitionError,
-    LocalArtifactStore,
     StorageError,
     sha256_file,
 )
+from resources.storage.local import LocalArtifactStore
 
 
 def make_src(tmp_path, files):
@@ -57,7 +57,7 @@ def test_without_manifest_a_partition_is_missing(tmp_path):
 def test_a_failed_rewrite_keeps_the_old_partition(tmp_path, monkeypatch):
     store = LocalArtifactStore(str(tmp_path / "root"), "exp")
     store.commit("adapter", "p1", make_src(tmp_path, {"w": b"old"}))
-    import resources.storage.base as storage_mod
+    import resources.storage.local as storage_mod
 
     def boom(*a, **k):
         raise OSError("disk full")

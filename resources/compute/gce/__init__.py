@@ -1,15 +1,24 @@
-"""Disposable Compute Engine VMs for Dagster steps: everything the GCE launcher stands on.
+"""Disposable Compute Engine VMs for Dagster steps: the orchestrator's side of a GCE launch.
 
-- ``api``: a thin wrapper over google-cloud-compute (waits on operations, turns the
-  API's capacity and quota errors into one exception type the failover catches);
-- ``body``: the ``instances.insert`` body (labels, scheduling, metadata, startup script);
+A module imports only modules below it in this list, never one above:
+
+- ``launcher``: the Dagster ``StepLauncher`` and its resource (config = ``settings``);
+- ``reaper`` / ``images``: deleting forgotten VMs; building and archiving images;
+- ``attempts``: one step's VMs one after another: create, follow, delete, resume
+  after a preemption;
+- ``follow``: relaying one VM attempt's events and logs into the run, and telling
+  how it ended; ``chunks``: reading the agent's numbered chunk streams;
+- ``record``: what one launch did (VMs, preemptions, cost), for logs and metadata;
+- ``step_vm``: one step's VM as data: image, labels, instructions, insert spec;
+- ``settings``: the one GCE settings model (experiment file, resource, launch);
 - ``placement``: the zone / machine-type candidates and failover across them;
 - ``costs``: the price table, the cost ledger in GCS and the budget check;
+- ``vm_spec``: the ``instances.insert`` body (labels, scheduling, metadata, startup script);
 - ``gcs``: the few GCS calls the launcher makes (bundle, event chunks, ledger);
-- ``bundle``: a wheel of the working tree, so uncommitted code runs on the VM;
-- ``launch_info``: what the step, on the VM, knows about the VM it runs on;
-- ``preemption``: the step-side half of checkpoint-on-SIGTERM;
-- ``reaper`` / ``images``: deleting forgotten VMs; building and archiving images.
+- ``api`` / ``errors``: a thin wrapper over google-cloud-compute (waits on
+  operations, turns capacity and quota errors into one exception the failover catches);
+- ``bundle``: a wheel of the working tree, so uncommitted code runs on the VM.
 
-The VM-side agent is ``resources.remote.agent`` (stdlib + google-cloud-storage only).
+What runs on the VM is ``resources.remote`` (the agent, shipped as source text by
+``vm_spec``, never imported from here).
 """

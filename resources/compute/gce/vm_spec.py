@@ -72,15 +72,32 @@ def vm_name(experiment: str, run_id: str, step_key: str, attempt: int) -> str:
     return re.sub(r"-+", "-", name)[:63].rstrip("-")
 
 
+# The agent's entry point: its modules' directory goes first on ``sys.path`` only
+# (not on PYTHONPATH, not as the working directory), so the processes it starts (pip,
+# the step worker, the health check) see the installed bundle, never those stubs.
+AGENT_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from resources.remote.agent import main; sys.exit(main())"
+)
+
+
 def startup_script(lab_home: str = DEFAULT_LAB_HOME, storage_pin: str = STORAGE_PIN) -> str:
     """The VM's startup script: fetch the agent from metadata, bootstrap if needed, run it.
 
+    The agent's modules (``protocol.VM_MODULES``) are laid out afresh at each boot
+    as the package ``$LAB_HOME/agent/resources/remote`` (empty ``__init__.py``
+    files), and the agent runs from ``$LAB_HOME`` with ``AGENT_BOOT``.
     On the pre-baked image ``<lab_home>/venv`` exists with the lab's dependencies;
     on a Deep Learning VM image the first boot makes it (with the image's torch and
     CUDA via system site packages) and the agent pip-installs the bundle into it.
     """
     home = shlex.quote(lab_home)
     pin = shlex.quote(storage_pin)
+    fetch = "\n".join(
+        # attribute and file names are fixed identifiers, never config values
+        f'curl -fsS -H \'Metadata-Flavor: Google\' "$MD/{key}" -o "$AGENT_DIR/{name}"'
+        for key, name in protocol.VM_MODULES.items()
+    )
     return f"""#!/bin/bash
 # Written by the lab's GCE launcher. It holds no experiment values: the agent reads
 # its instructions from the instance metadata attribute '{protocol.INSTRUCTIONS_KEY}'.
@@ -88,10 +105,10 @@ set -euo pipefail
 LAB_HOME=${{LAB_HOME:-{home}}}
 MD="http://${{GCE_METADATA_HOST:-metadata.google.internal}}/computeMetadata/v1/instance/attributes"
 AGENT_DIR="$LAB_HOME/agent/resources/remote"
+rm -rf "$LAB_HOME/agent"
 mkdir -p "$AGENT_DIR"
 touch "$LAB_HOME/agent/resources/__init__.py" "$AGENT_DIR/__init__.py"
-curl -fsS -H 'Metadata-Flavor: Google' "$MD/{protocol.PROTOCOL_KEY}" -o "$AGENT_DIR/protocol.py"
-curl -fsS -H 'Metadata-Flavor: Google' "$MD/{protocol.AGENT_KEY}" -o "$AGENT_DIR/agent.py"
+{fetch}
 if [ ! -x "$LAB_HOME/venv/bin/python" ]; then
   # Bootstrap (Deep Learning VM image): Python 3.11 and a venv; the agent then
   # pip-installs the bundle with its dependencies (torch with its CUDA runtime).
@@ -101,8 +118,9 @@ if [ ! -x "$LAB_HOME/venv/bin/python" ]; then
   python3.11 -m venv --system-site-packages "$LAB_HOME/venv"
   "$LAB_HOME/venv/bin/python" -m pip install -q --upgrade pip {pin}
 fi
-cd "$LAB_HOME/agent"
-LAB_AGENT_HOME="$LAB_HOME/run" exec "$LAB_HOME/venv/bin/python" -u -m resources.remote.agent
+cd "$LAB_HOME"
+LAB_AGENT_HOME="$LAB_HOME/run" exec "$LAB_HOME/venv/bin/python" -u \\
+  -c {shlex.quote(AGENT_BOOT)} "$LAB_HOME/agent"
 """
 
 
@@ -111,12 +129,9 @@ def _remote_source(name: str) -> str:
     return (Path(__file__).resolve().parents[2] / "remote" / name).read_text()
 
 
-def agent_source() -> str:
-    return _remote_source("agent.py")
-
-
-def protocol_source() -> str:
-    return _remote_source("protocol.py")
+def vm_module_sources() -> dict[str, str]:
+    """The agent's modules' sources by the metadata attribute that ships each."""
+    return {key: _remote_source(name) for key, name in protocol.VM_MODULES.items()}
 
 
 @dataclass(frozen=True)
@@ -171,8 +186,7 @@ def build_instance(spec: VmSpec) -> compute_v1.Instance:
             scheduling.on_host_maintenance = "TERMINATE"
     items = {
         "startup-script": startup_script(spec.lab_home),
-        protocol.AGENT_KEY: agent_source(),
-        protocol.PROTOCOL_KEY: protocol_source(),
+        **vm_module_sources(),
         protocol.INSTRUCTIONS_KEY: json.dumps(spec.instructions, sort_keys=True),
         **spec.extra_metadata,
     }
@@ -230,10 +244,3 @@ def instance_json(instance: compute_v1.Instance) -> str:
         including_default_value_fields=False,
         indent=2,
     )
-
-
-def metadata_value(instance: compute_v1.Instance, key: str) -> str | None:
-    for item in instance.metadata.items:
-        if item.key == key:
-            return item.value
-    return None

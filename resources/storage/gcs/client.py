@@ -19,8 +19,6 @@ Three things every GCS caller here needs, kept in one place so they behave alike
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
@@ -43,6 +41,10 @@ class GCSError(StorageError):
 
 class ConcurrentWriteError(GCSError):
     """Another writer committed the same location first (a generation precondition failed)."""
+
+
+class ObjectGoneError(GCSError):
+    """An object the manifest names is gone: a newer commit replaced the partition."""
 
 
 def make_client(project: str | None = None, *, endpoint: str | None = None) -> storage.Client:
@@ -157,14 +159,3 @@ def is_gcs_failure(e: BaseException) -> bool:
         return False
     # requests' and urllib3's own exceptions surface when retries are disabled.
     return isinstance(e, GCS_FAILURES) or type(e).__module__.startswith(("requests", "urllib3"))
-
-
-@contextmanager
-def translated(bucket: str, name: str, action: str) -> Iterator[None]:
-    """Re-raise any GCS failure inside the block as a `GCSError` naming gs://bucket/name."""
-    try:
-        yield
-    except Exception as e:
-        if is_gcs_failure(e):
-            raise translate(e, bucket, name, action) from e
-        raise

@@ -9,6 +9,7 @@ candidates and their overrides; prices and the budget refusal's numbers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -23,16 +24,16 @@ from lab_assets_tests.conftest import TESTS_DIR
 from lab_assets_tests.fakes.fake_compute import FakeInstance, MetadataServer
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.costs import BudgetExceeded, PriceMissing, check_budget, hourly_price
-from resources.compute.gce.launcher import GceSettings, build_vm_spec
 from resources.compute.gce.placement import Overrides, candidates
-from resources.remote import agent as gce_agent
-from resources.remote import launch_info, preemption
+from resources.compute.gce.settings import LaunchSettings
+from resources.compute.gce.step_vm import build_vm_spec
+from resources.remote import launch_info, preemption, protocol
 
 GCE_EXPERIMENT = TESTS_DIR / "experiments" / "gce.yaml"
 NASTY = "x$(touch {c})`touch {c}`;touch {c};' ; touch {c} ; '\"; touch {c}; \"|&>{c}\n{c}"
 
 
-def _settings(**kw) -> GceSettings:
+def _settings(**kw) -> LaunchSettings:
     base = dict(
         project="lab-test-project",
         zones=("us-central1-a", "us-central1-b", "us-central1-c"),
@@ -48,10 +49,10 @@ def _settings(**kw) -> GceSettings:
         },
         hourly_usd={"g2-standard-4": 0.7, "g2-standard-4:spot": 0.28, "nvidia-l4": 0.0},
     )
-    return GceSettings(**{**base, **kw})
+    return LaunchSettings(**{**base, **kw})
 
 
-def _spec(s: GceSettings, partition: str = "m|r", **kw):
+def _spec(s: LaunchSettings, partition: str = "m|r", **kw):
     p = s.placements()[0]
     args = dict(
         placement=p,
@@ -91,7 +92,7 @@ def test_dry_run_prints_the_insert_body_without_touching_anything(capsys, monkey
     assert body["labels"]["experiment"] == "small-gce"
     assert body["labels"]["partition"] == "tiny-test_sft-arith-r4-s0"
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
-    assert set(items) == {"startup-script", "lab-agent", "lab-launch"}
+    assert set(items) == {"startup-script", "lab-launch", *protocol.VM_MODULES}
     instr = json.loads(items["lab-launch"])
     assert instr["partition"] == key and instr["mode"] == "step"
     assert instr["launch_uri"].startswith("gs://lab-test-bucket/experiments/small-gce/_launches/")
@@ -140,7 +141,7 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
     body = json.loads(vmbody.instance_json(inst))
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
     script = items["startup-script"]
-    assert "touch" not in script  # no value reaches the script text
+    assert "CANARY" not in script  # no value reaches the script text
     for v in body["labels"].values():
         assert re.fullmatch(r"[a-z0-9_-]{0,63}", v)
     # A config value that does reach the shell (the install directory) is quoted.
@@ -148,7 +149,7 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
     script = vmbody.startup_script(lab_home=home)
     python = sandbox / "python-stub"
     argv_file = sandbox / "agent-argv"
-    python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{argv_file}"\n')
+    python.write_text(f'#!/bin/sh\n{{ pwd; printf "%s\\n" "$@"; }} > "{argv_file}"\n')
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     venv_bin = f"{home}/venv/bin"
     os.makedirs(venv_bin)
@@ -169,9 +170,17 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
         server.close()
     assert res.returncode == 0, res.stderr
     assert not canary.exists()
-    # the script fetched the agent from metadata and ran it from the quoted home
-    assert open(f"{home}/gce_agent.py").read() == items["lab-agent"]
-    assert argv_file.read_text().split("\n")[:2] == ["-u", f"{home}/gce_agent.py"]
+    # the script laid the agent's modules out as a package from metadata, and ran it
+    # from the quoted home with that package on sys.path only
+    pkg = f"{home}/agent/resources"
+    assert sorted(os.listdir(f"{pkg}/remote")) == sorted(
+        ["__init__.py", *protocol.VM_MODULES.values()]
+    )
+    assert open(f"{pkg}/__init__.py").read() == open(f"{pkg}/remote/__init__.py").read() == ""
+    for key, name in protocol.VM_MODULES.items():
+        assert open(f"{pkg}/remote/{name}").read() == items[key]
+    assert argv_file.read_text().split("\n")[:4] == [home, "-u", "-c", vmbody.AGENT_BOOT]
+    assert argv_file.read_text().split("\n")[4] == f"{home}/agent"
     # and the agent gets the values verbatim, as JSON data, never as shell text
     instr = json.loads(items["lab-launch"])
     assert instr["partition"] == nasty and instr["env"]["LAB_NOTE"] == nasty
@@ -229,14 +238,37 @@ def test_prices_and_the_budget_refusal_numbers():
     )
 
 
-def test_names_shared_with_the_agent_agree():
-    assert gce_agent.CHECKPOINT_DIR_ENV == preemption.CHECKPOINT_DIR_ENV
-    assert gce_agent.PREEMPTIBLE_ENV == preemption.PREEMPTIBLE_ENV
-    assert gce_agent.PREEMPTED_EXIT_CODE == preemption.PREEMPTED_EXIT_CODE
-    assert gce_agent.LAUNCH_INFO_ENV == launch_info.LAUNCH_INFO_ENV
-    from resources.compute.local.launcher import SCRATCH_ENV
+def test_names_shared_across_the_wire_come_from_the_protocol_module():
+    """One definition of each name: the VM side and the launcher import it from protocol."""
+    import ast
 
-    assert gce_agent.SCRATCH_ENV == SCRATCH_ENV
+    from resources.remote import checkpointing, step_worker
+
+    shared = {n for n in vars(protocol) if n.isupper()}
+    modules = [preemption, launch_info, checkpointing, step_worker]
+    modules += [vmbody, *(importlib.import_module(m) for m in _AGENT_MODULES)]
+    for mod in modules:
+        tree = ast.parse(open(mod.__file__).read())
+        assigned = {
+            t.id
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        assert not assigned & shared, f"{mod.__name__} redefines {assigned & shared}"
+    # the agent ships every module it imports (no lab code on a fresh VM)
+    shipped = {f"resources.remote.{n.removesuffix('.py')}" for n in protocol.VM_MODULES.values()}
+    assert set(_AGENT_MODULES) | {"resources.remote.protocol"} == shipped
+
+
+_AGENT_MODULES = [
+    "resources.remote.agent",
+    "resources.remote.agent_metadata",
+    "resources.remote.agent_sync",
+    "resources.remote.agent_step",
+    "resources.remote.agent_image",
+]
 
 
 def test_a_gce_experiment_gets_the_gce_launcher_and_the_reaper_sensor(monkeypatch):
@@ -267,3 +299,31 @@ def test_gce_config_checks_the_gpu_registry(tmp_path):
         load_experiment(bad)
     exp = load_experiment(GCE_EXPERIMENT)
     assert exp.file.compute.reap_after == 7200 + 600 and exp.file.compute.keep_vm is False
+
+
+def test_one_settings_model_from_the_experiment_to_the_launch(monkeypatch):
+    """The experiment's `compute`, the resource's config and a launch's settings share
+    one model; configured at launch, the experiment's values are the defaults and a
+    run's config goes on top."""
+    from dagster._config import process_config
+
+    from lab_assets.defs.resources import gce_launcher_resource, gce_settings, launcher_fields
+    from lab_assets.experiment.schema import GceCompute
+    from resources.compute.gce.settings import GceSettings
+
+    monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
+    monkeypatch.delenv("LAB_GCE_ZONE", raising=False)
+    assert set(GceCompute.model_fields) == {*GceSettings.model_fields, "kind"}
+    exp = load_experiment(GCE_EXPERIMENT)
+    partial = gce_launcher_resource(exp)
+    schema = partial.get_resource_definition().config_schema.config_type
+    assert set(schema.fields) == set(LaunchSettings.model_fields)
+    run = {"zone": "us-central1-b", "keep_vm": True, "budget_usd": 2.5, "bundle_install": "skip"}
+    for run_config in ({}, run):
+        resolved = process_config(schema, run_config)
+        assert resolved.success, resolved.errors
+        want = {**launcher_fields(exp), **run_config}
+        assert {k: resolved.value[k] for k in want} == want
+        launch = partial.resource_cls(**resolved.value).launch_settings()
+        assert launch == gce_settings(exp, **run_config)
+    assert {p.zone for p in gce_settings(exp, **run).placements()} == {"us-central1-b"}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import sys
 import time
 import zipfile
 
-from lab_assets_tests.fakes.fake_compute import REPO_ROOT
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT, FakeInstance, MetadataServer
+from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.bundle import build_wheel, source_hash
+from resources.remote import protocol
 
 
 def test_the_wheel_holds_the_working_tree_and_is_reused(tmp_path):
@@ -31,19 +33,44 @@ def test_the_wheel_holds_the_working_tree_and_is_reused(tmp_path):
 
 
 def test_the_agent_imports_only_the_standard_library_and_google_cloud_storage(tmp_path):
-    """On a fresh VM the agent runs before the bundle is installed."""
-    shutil.copy(REPO_ROOT / "resources" / "gce_agent.py", tmp_path / "gce_agent.py")
-    probe = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import gce_agent; "
-        "gce_agent.storage_client; gce_agent.Metadata('127.0.0.1:9'); "
-        "from google.cloud import storage; "
+    """On a fresh VM the agent runs before the bundle is installed.
+
+    Its modules are laid out by the real startup script from (fake) instance
+    metadata, then imported the way ``AGENT_BOOT`` does, from the VM's working
+    directory, with the interpreter isolated from this checkout.
+    """
+    home = tmp_path / "lab"
+    (home / "venv" / "bin").mkdir(parents=True)
+    (home / "venv" / "bin" / "python").symlink_to("/bin/true")  # the agent is run below
+    items = {**vmbody.vm_module_sources(), protocol.INSTRUCTIONS_KEY: "{}"}
+    body = {"name": "vm", "metadata": {"items": [{"key": k, "value": v} for k, v in items.items()]}}
+    (tmp_path / "startup.sh").write_text(vmbody.startup_script(lab_home=str(home)))
+    server = MetadataServer(None, FakeInstance("p", "us-central1-a", body))
+    try:
+        res = subprocess.run(
+            ["bash", str(tmp_path / "startup.sh")],
+            env={"PATH": os.environ["PATH"], "GCE_METADATA_HOST": server.host},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.close()
+    assert res.returncode == 0, res.stderr
+    agent_dir = str(home / "agent")
+    probe = vmbody.AGENT_BOOT.split("from ")[0] + (
+        "import resources.remote.agent as agent; agent.Metadata('127.0.0.1:9'); "
+        "from resources.remote.protocol import make_storage_client; "
+        "make_storage_client(endpoint='http://127.0.0.1:9'); "
         "bad = sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'dagster', 'lab_assets', 'resources', 'torch', 'pydantic', 'yaml'}); "
+        "{'dagster', 'lab_assets', 'torch', 'pydantic', 'yaml'}); "
+        "bad += sorted(m for m, mod in sys.modules.items() if m.split('.')[0] == 'resources' "
+        f"and not (getattr(mod, '__file__', None) or '').startswith({agent_dir!r})); "
         "print('BAD', bad)"
     )
     res = subprocess.run(
-        [sys.executable, "-I", "-c", probe, str(tmp_path)],
-        cwd=tmp_path,
+        [sys.executable, "-I", "-c", probe, agent_dir],
+        cwd=home,
         capture_output=True,
         text=True,
         timeout=60,

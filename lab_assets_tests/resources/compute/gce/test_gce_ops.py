@@ -19,7 +19,7 @@ from lab_assets_tests.resources.compute.gce.test_gce_body import GCE_EXPERIMENT
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.api import ComputeApi
 from resources.compute.gce.gcs import Gcs
-from resources.compute.gce.launcher import image_for
+from resources.compute.gce.step_vm import image_for
 
 pytest_plugins = ["lab_assets_tests.gce_fixtures"]
 

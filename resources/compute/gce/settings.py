@@ -1,0 +1,168 @@
+"""The GCE launcher's settings: one model, from the experiment file to the running launch.
+
+Every knob of a step launched on GCE (project, zones, machine and GPU types, image,
+scheduling, prices, timings) is one field of ``GceSettings``, a plain pydantic
+model with its bounds and validators. The same class serves three readers:
+
+- the experiment schema: ``compute: {kind: gce, ...}`` is ``GceSettings`` plus
+  ``kind`` (``lab_assets.experiment.schema.GceCompute``), so the YAML is checked
+  field by field, unknown keys refused;
+- the Dagster resource: ``GceStepLauncherResource`` inherits ``LaunchSettings``,
+  so each field is a top-level field of ``resources.step_launcher.config`` that a
+  run may set (its fields are inherited, not nested, because Dagster's
+  ``configure_at_launch`` keeps no default for a nested config object);
+- the launch itself, which reads a ``LaunchSettings``.
+
+``LaunchSettings`` adds what a launch needs that is not a GCE setting: the storage
+root, the experiment's name and file, the budget, and the per-run placement
+overrides ``zone``, ``machine_type_override``, ``gpu_type_override`` (run config,
+else ``LAB_GCE_ZONE`` / ``LAB_GCE_MACHINE_TYPE`` / ``LAB_GCE_GPU_TYPE``; see
+``placement``). ``keep_vm`` is a setting and a run may override it like any other.
+
+A new knob is one field here (plus the code that uses it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from resources.compute.gce.costs import hourly_price
+from resources.compute.gce.placement import Overrides, Placement, candidates
+from resources.compute.gce.vm_spec import DLVM_FAMILY, DLVM_PROJECT
+
+_ZONE = re.compile(r"[a-z]+-[a-z]+\d+-[a-z]")
+_IMAGE_FAMILY = r"^[a-z][a-z0-9-]{0,62}$"
+
+
+class GceSettings(BaseModel):
+    """Disposable GCE VMs for GPU steps: where, what shape, what image, what it may cost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+    zones: list[str] = Field(min_length=1)
+    machine_type: str = Field(min_length=1)
+    gpu_type: str = Field(min_length=1)
+    gpu_count: int = Field(1, ge=1, le=16)
+    spot: bool = True
+    image_family: str = Field("task-geometry-lab", pattern=_IMAGE_FAMILY)
+    image_project: str | None = None
+    # A Deep Learning VM image family used when `image_family` has no image yet.
+    fallback_image_family: str = Field(DLVM_FAMILY, pattern=_IMAGE_FAMILY)
+    fallback_image_project: str = DLVM_PROJECT
+    boot_disk_gb: int = Field(100, ge=10)
+    max_run_duration_s: int = Field(4 * 3600, ge=60)
+    max_preemptions: int = Field(3, ge=0)
+    service_account: str | None = None
+    # Price per hour, keyed by machine type and by GPU type (per GPU); "<name>:spot"
+    # keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
+    hourly_usd: dict[str, float] = Field(default_factory=dict)
+    # Where each GPU can be had: {gpu_type: {zone: [machine types]}}, in preference
+    # order; zone failover walks it (within `zones`).
+    gpu_zones: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    # Leave the VM running after the step (to ssh in); the reaper deletes it after
+    # keep_vm_hours, maxRunDuration in any case.
+    keep_vm: bool = False
+    keep_vm_hours: float = Field(2.0, gt=0)
+    # The reaper deletes lab VMs older than this (default: max_run_duration_s + 10 min).
+    reap_after_s: int | None = Field(None, ge=60)
+    # Where launches stage their files (default: <storage root>/<experiment>).
+    staging_root: str | None = None
+    require_gcs_storage: bool = True
+    # "pip": ship a wheel of the working tree; "skip": the image already has the code.
+    # (A str, not a Literal: Dagster turns a Literal into an enum whose schema default
+    # hides the value given to ``configure_at_launch``.)
+    bundle_install: str = "pip"
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment for the step
+    api_endpoint: str | None = None
+    # How the launcher and the agent pace themselves.
+    poll_interval_s: float = Field(2.0, gt=0)
+    flush_interval_s: float = Field(2.0, gt=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+    heartbeat_timeout_s: float = Field(180.0, gt=0)
+    boot_timeout_s: float = Field(1200.0, gt=0)
+    instance_check_s: float = Field(15.0, gt=0)
+    grace_s: float = Field(20.0, gt=0)
+    checkpoint_sync_s: float = Field(30.0, gt=0)
+    preempted_poll_s: int = Field(30, gt=0)
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, v: list[str]) -> list[str]:
+        for z in v:
+            if not _ZONE.fullmatch(z):
+                raise ValueError(f"{z!r} is not a zone name like 'us-central1-a'")
+        return v
+
+    @field_validator("bundle_install")
+    @classmethod
+    def _bundle_install(cls, v: str) -> str:
+        if v not in ("pip", "skip"):
+            raise ValueError(f"bundle_install must be 'pip' or 'skip', not {v!r}")
+        return v
+
+    @field_validator("gpu_zones")
+    @classmethod
+    def _gpu_zones(cls, v: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, list[str]]]:
+        for gpu, by_zone in v.items():
+            for z, types in by_zone.items():
+                if not _ZONE.fullmatch(z):
+                    raise ValueError(f"{gpu}: {z!r} is not a zone name like 'us-central1-a'")
+                if not types:
+                    raise ValueError(f"{gpu}.{z}: list at least one machine type")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_reachable(self) -> GceSettings:
+        registry = self.gpu_zones.get(self.gpu_type)
+        if registry is not None and not set(registry) & set(self.zones):
+            raise ValueError(
+                f"gpu_zones.{self.gpu_type} lists no zone of `zones` {list(self.zones)}"
+            )
+        return self
+
+    @property
+    def reap_after(self) -> int:
+        return self.reap_after_s or self.max_run_duration_s + 600
+
+    def price(self, p: Placement) -> float:
+        """The hourly price of a VM at `p` (raises ``PriceMissing`` without one)."""
+        return hourly_price(self.hourly_usd, p.machine_type, p.gpu_type, p.gpu_count, self.spot)
+
+
+class LaunchSettings(GceSettings):
+    """The settings plus what a launch is for: storage, experiment, budget, per-run overrides."""
+
+    storage_root: str
+    experiment: str
+    experiment_file: str | None = None
+    budget_usd: float = Field(0.0, ge=0)
+    zone: str | None = Field(None, description="run this step in this zone only")
+    machine_type_override: str | None = None
+    gpu_type_override: str | None = None
+
+    @property
+    def staging(self) -> str:
+        root = self.staging_root or f"{self.storage_root.rstrip('/')}/{self.experiment}"
+        if not root.startswith("gs://"):
+            raise ValueError(
+                f"GCE launches stage through GCS: storage root {self.storage_root!r} is not "
+                "gs://bucket/prefix (set the experiment's storage or LAB_STORAGE_ROOT)"
+            )
+        return root.rstrip("/")
+
+    def overrides(self) -> Overrides:
+        return Overrides.resolve(self.zone, self.machine_type_override, self.gpu_type_override)
+
+    def placements(self, avoid: tuple[str, ...] = ()) -> list[Placement]:
+        return candidates(
+            self.zones,
+            self.machine_type,
+            self.gpu_type,
+            self.gpu_count,
+            self.gpu_zones,
+            self.overrides(),
+            avoid,
+        )
