@@ -50,7 +50,7 @@ def _definitions_for(text: str, path: str, storage_root: str) -> dg.Definitions:
 
 def experiment_job(text: str, path: str, storage_root: str, job_name: str) -> dg.JobDefinition:
     """One job of the experiment given as text (the reconstructor of `build_reconstructable_job`)."""
-    return _definitions_for(text, path, storage_root).get_job_def(job_name)
+    return _definitions_for(text, path, storage_root).resolve_job_def(job_name)
 
 
 @dg.definitions

@@ -73,3 +73,17 @@ def test_dagster_cli_validates_the_default_code_location(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lab_assets.definitions" in result.stdout + result.stderr
+
+
+def test_a_job_rebuilt_from_the_experiment_text_is_quiet(tmp_path, monkeypatch):
+    """What every lab-driven run and its workers do: no warning on the user's terminal."""
+    import warnings
+
+    from lab_assets.definitions import experiment_job
+
+    monkeypatch.setenv("LAB_STORAGE_ROOT", str(tmp_path / "storage"))
+    exp = load_experiment(REPO / "experiments" / "tiny.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        job = experiment_job(exp.text, str(exp.path), exp.storage_root, ADAPTERS_JOB)
+    assert job.name == ADAPTERS_JOB

@@ -35,7 +35,8 @@ def add_command(
 
 
 def add_experiment(
-    parser: argparse.ArgumentParser, default: str = "$LAB_EXPERIMENT or tiny"
+    parser: argparse.ArgumentParser,
+    default: str = "$LAB_EXPERIMENT, else ./experiments/tiny.yaml",
 ) -> None:
     parser.add_argument("--experiment", help=f"experiment YAML (default: {default})")
 

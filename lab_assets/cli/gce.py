@@ -73,7 +73,7 @@ def dry_run_body(exp: Experiment, asset: str, partition: str, **overrides: Any) 
     ``images.getFromFamily`` and falls back to the Deep Learning VM family.
     """
     from resources.compute.gce.costs import PriceMissing
-    from resources.compute.gce.launcher import build_vm_spec, safe_step_key
+    from resources.compute.gce.step_vm import build_vm_spec, safe_step_key
     from resources.compute.gce.vm_spec import build_instance, instance_json, vm_name
 
     _check_target(exp, asset, partition)

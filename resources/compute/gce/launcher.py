@@ -49,22 +49,13 @@ from resources.compute.gce.attempts import StepAttempts, check_launch_budget
 from resources.compute.gce.costs import CostLedger
 from resources.compute.gce.gcs import Gcs
 from resources.compute.gce.record import LaunchRecord
-from resources.compute.gce.settings import GceSettings, LaunchSettings
-from resources.compute.gce.step_vm import build_vm_spec, safe_step_key
+from resources.compute.gce.settings import LaunchSettings
+from resources.compute.gce.step_vm import safe_step_key
 from resources.remote import protocol
 
 if TYPE_CHECKING:
     from resources.compute.gce.api import ComputeApi
 
-# Re-exported: ``lab launch --dry-run`` (lab_assets/cli/gce.py) takes them from here.
-__all__ = [
-    "GceSettings",
-    "GceStepLauncher",
-    "GceStepLauncherResource",
-    "LaunchSettings",
-    "build_vm_spec",
-    "safe_step_key",
-]
 
 
 class GceStepLauncher(StepLauncher):
