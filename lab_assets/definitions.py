@@ -16,27 +16,40 @@ from pathlib import Path
 import dagster as dg
 
 from lab_assets.defs.assets import build_assets
-from lab_assets.defs.jobs import asset_jobs, build_sweep_job
+from lab_assets.defs.automation import experiment_condition
+from lab_assets.defs.jobs import asset_jobs
 from lab_assets.defs.partitions import build_partitions
 from lab_assets.defs.resources import build_resources
-from lab_assets.defs.schedules import build_sweep_schedule
-from lab_assets.defs.sensors import build_reconcile_sensor, build_vm_reaper_sensor
+from lab_assets.defs.schedules import build_rebuild_sensor
+from lab_assets.defs.sensors import (
+    build_reconcile_sensor,
+    build_staleness_sensor,
+    build_vm_reaper_sensor,
+)
 from lab_assets.experiment.load import load_experiment, parse_experiment
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import GceCompute
+from lab_assets.orchestration.instance import apply_pool_limits
 
 
 def build_definitions(exp: Experiment) -> dg.Definitions:
     resources = build_resources(exp)
     storage = resources["lab_storage"]
-    sensors = [build_reconcile_sensor(exp, storage)]
+    sensors = [
+        build_reconcile_sensor(exp, storage),
+        build_staleness_sensor(exp, storage),
+        build_rebuild_sensor(exp),
+    ]
     if isinstance(exp.file.compute, GceCompute):
         sensors.append(build_vm_reaper_sensor(exp))
-    schedule = build_sweep_schedule(exp, storage)
+    condition = experiment_condition(exp, storage)
+    assets = dg.map_asset_specs(
+        lambda spec: spec.replace_attributes(automation_condition=condition),
+        build_assets(exp, build_partitions(exp)),
+    )
     return dg.Definitions(
-        assets=build_assets(exp, build_partitions(exp)),
-        jobs=[*asset_jobs(), build_sweep_job(exp)],
-        schedules=[schedule] if schedule else [],
+        assets=assets,
+        jobs=asset_jobs(),
         sensors=sensors,
         resources=resources,
         executor=dg.in_process_executor,
@@ -55,4 +68,6 @@ def experiment_job(text: str, path: str, storage_root: str, job_name: str) -> dg
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions(load_experiment())
+    exp = load_experiment()
+    apply_pool_limits(exp)
+    return build_definitions(exp)

@@ -18,17 +18,20 @@ ASSET_GROUP = "task_geometry"
 BASE_MODELS_JOB = "base_models_job"
 ADAPTERS_JOB = "adapters_job"
 CLASSIFICATION_JOB = "classification_job"
-SWEEP_JOB = "sweep_job"
 
 # Schedules and sensors.
-SWEEP_SCHEDULE = "sweep_schedule"
+REBUILD_SENSOR = "rebuild_stale_and_missing"  # automation: stale + missing, stopped by default
+STALENESS_SENSOR = "lab_staleness"  # records why a partition is stale
 RECONCILE_SENSOR = "reconcile_from_storage"
 REAPER_SENSOR = "gce_vm_reaper"
 
-# Pools: GPU steps claim a slot of `gpu` (its limit is the experiment's GPU quota).
+# Pools: training steps claim a slot of `gpu` on GCE (limit: the GPU quota) or of
+# `cpu` locally (limit: the machine's cores).
 GPU_POOL = "gpu"
+CPU_POOL = "cpu"
 
 # Run tags.
 REASON_TAG = "lab/reason"
+INVOCATION_TAG = "lab/invocation"  # which `lab` command submitted a backfill
 SWEEP_RUNS_TAG = "lab/sweep_runs"
 SWEEP_PLAN_TAG = "lab/sweep_plan"

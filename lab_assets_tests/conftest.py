@@ -2,6 +2,11 @@
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,28 @@ from dagster import DagsterInstance
 
 TESTS_DIR = Path(__file__).resolve().parent
 SMALL_EXPERIMENT = TESTS_DIR / "experiments" / "small.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_servers_of_this_session():
+    """Warm worker servers started by this session's runs live in a directory of its own,
+    and are stopped when the session ends: no test leaves one behind, none uses a
+    developer's."""
+    from resources.compute.local.warm_server import stop_servers
+    from resources.remote.protocol import WARM_SOCKET_DIR_ENV
+
+    directory = Path(tempfile.mkdtemp(prefix="lw-s-", dir="/tmp"))  # short: socket paths
+    saved = os.environ.get(WARM_SOCKET_DIR_ENV)
+    os.environ[WARM_SOCKET_DIR_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        if saved is None:
+            os.environ.pop(WARM_SOCKET_DIR_ENV, None)
+        else:
+            os.environ[WARM_SOCKET_DIR_ENV] = saved
+        stop_servers(directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -35,11 +62,12 @@ def instance(lab_env):
 
 @pytest.fixture(scope="session")
 def small_lab(tmp_path_factory):
-    """The small experiment materialised once, through Dagster, for every test that reads it.
+    """The small experiment materialised once by `lab materialize`, for every test that reads it.
 
-    Tests that change things copy it first (`copy_lab`)."""
+    Exactly the researcher's command, in a subprocess: one backfill, run by a daemon
+    that `lab` starts, through Dagster's run queue. Tests that change things copy it
+    first (`lab_copy`)."""
     from lab_assets.experiment.load import load_experiment
-    from lab_assets.orchestration.runner import materialize_experiment
 
     root = tmp_path_factory.mktemp("small_lab")
     env = {
@@ -52,9 +80,16 @@ def small_lab(tmp_path_factory):
         for k in ("LAB_SCRATCH_ROOT", "DAGSTER_HOME"):
             os.makedirs(env[k])
         exp = load_experiment()
-        with DagsterInstance.get() as instance:
-            summary = materialize_experiment(exp, instance)
-    return {"exp": exp, "summary": summary, "root": root, "env": env}
+        t0 = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-m", "lab_assets.cli", "materialize"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=1200,
+        )
+    assert proc.returncode == 0, f"lab materialize failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return {"exp": exp, "proc": proc, "root": root, "env": env, "started": t0}
 
 
 @contextlib.contextmanager

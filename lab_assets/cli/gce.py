@@ -122,27 +122,18 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     _check_target(exp, args.asset, args.partition)
     from dagster import DagsterInstance
 
+    from lab_assets.cli.progress import backfill_with_progress
     from lab_assets.orchestration.instance import ensure_dagster_home
-    from lab_assets.orchestration.runner import PlannedRun, RunFailed, run_planned
 
     ensure_dagster_home()
-    run_config: dict[str, Any] = {}
+    run_config: dict[str, Any] | None = None
     if overrides := _overrides(args):
         run_config = {"resources": {"step_launcher": {"config": overrides}}}
-    planned = PlannedRun(
-        LAUNCHED_ASSETS[args.asset],
-        args.partition,
-        f"{args.asset} [{args.partition}]",
-        (args.asset,),
-    )
+    title = f"lab launch: {args.asset}[{args.partition}]"
     with DagsterInstance.get() as instance:
-        try:
-            outcome = run_planned(instance, exp, planned, run_config=run_config or None)
-        except RunFailed as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            return 1
-    print(f"{planned.label}: run {outcome.run_id} succeeded in {outcome.seconds:.1f} s")
-    return 0
+        return backfill_with_progress(
+            instance, exp, [(args.asset, args.partition)], title, run_config=run_config
+        )
 
 
 def _api(exp: Experiment):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from lab_assets.cli.common import add_command, add_experiment
+from lab_assets.cli.progress import backfill_with_progress
 from lab_assets.experiment.load import load_experiment
 from lab_assets.orchestration.instance import ensure_dagster_home
 
@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
+    home = ensure_dagster_home()
     print(f"{exp.path}: valid")
     print(f"  experiment   {exp.name}")
     print(f"  storage      {exp.storage_root}")
@@ -73,51 +74,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  base models  {', '.join(exp.model_ids)}")
     print(f"  runs         {len(exp.runs)}: {', '.join(exp.run_ids)}")
     print(f"  adapters     {len(exp.runs) * len(exp.model_ids)} partitions (model × run)")
+    print(f"  instance     {home} (DAGSTER_HOME)")
     return 0
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     exp = load_experiment(args.experiment)
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from lab_assets.orchestration.runner import (
-        RunFailed,
-        materialize_experiment,
-        plan_experiment,
-    )
+    from lab_assets.orchestration.backfill import every_partition
 
-    total = len(plan_experiment(exp))
-    print(f"experiment {exp.name}: {total} runs into {exp.storage_root} (DAGSTER_HOME={home})")
-    with DagsterInstance.get() as instance, tqdm(total=total, unit="run") as bar:
-
-        def progress(outcome) -> None:
-            bar.set_postfix_str(f"{outcome.planned.label} {outcome.seconds:.1f}s")
-            bar.update(1)
-
-        try:
-            summary = materialize_experiment(exp, instance, on_progress=progress)
-        except RunFailed as e:
-            bar.close()
-            print(f"\nFAILED: {e}", file=sys.stderr)
-            return 1
-    print(f"materialised {len(summary.outcomes)} runs in {summary.seconds:.1f} s wall time")
-    _print_classification(exp)
-    return 0
+    targets = every_partition(exp)
+    print(f"experiment {exp.name}: {len(targets)} asset partitions into {exp.storage_root}")
+    print(f"  Dagster instance {home} (`dagster dev` there shows the backfill and its runs)")
+    with DagsterInstance.get() as instance:
+        code = backfill_with_progress(instance, exp, targets, f"lab materialize: {exp.name}")
+    if code == 0:
+        _print_classification(exp)
+    return code
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     exp = load_experiment(args.experiment)
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from lab_assets.orchestration.instance import set_gpu_pool_limit
-    from lab_assets.orchestration.runner import RunFailed, run_planned
-    from lab_assets.orchestration.sweep import assess, plan_sweep, reconcile
+    from lab_assets.orchestration.sweep import assess, plan_sweep, reconcile, sweep_targets
     from resources.storage.open import open_store
 
     store = open_store(exp.storage_root, exp.name)
@@ -126,7 +109,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             recorded = reconcile(exp, instance, store)
             if recorded:
                 print(f"reconciled {len(recorded)} partitions from storage into {home}")
-        plan = plan_sweep(exp, assess(exp, instance, store))
+        statuses = assess(exp, instance, store)
+        plan = plan_sweep(exp, statuses)
         if not plan:
             print(f"experiment {exp.name}: nothing missing or stale; no runs launched")
             return 0
@@ -135,19 +119,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {p.label}\n      why: {p.reason}")
         if args.dry_run:
             return 0
-        set_gpu_pool_limit(instance, exp)
-        with tqdm(total=len(plan), unit="run") as bar:
-            for p in plan:
-                try:
-                    outcome = run_planned(instance, exp, p)
-                except RunFailed as e:
-                    bar.close()
-                    print(f"\nFAILED: {e}", file=sys.stderr)
-                    return 1
-                bar.set_postfix_str(f"{p.label} {outcome.seconds:.1f}s")
-                bar.update(1)
-    _print_classification(exp)
-    return 0
+        code = backfill_with_progress(
+            instance, exp, sweep_targets(statuses), f"lab sweep: {exp.name}"
+        )
+    if code == 0:
+        _print_classification(exp)
+    return code
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:

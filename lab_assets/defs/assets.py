@@ -43,9 +43,9 @@ from lab_assets.names import (
     BASE_MODEL,
     BASE_SPECTRUM,
     CLASSIFICATION,
-    GPU_POOL,
     SPECTRAL_FEATURES,
 )
+from lab_assets.orchestration.instance import pool_for
 from resources.io_manager import LabStorage
 from resources.model_cache import ModelCache
 from resources.remote.checkpointing import preemptible_training
@@ -164,7 +164,7 @@ def _adapter_asset(
         check_specs=manifest_check_specs(ADAPTER),
         ins={BASE_MODEL: AssetIn(partition_mapping=by_model)},
         required_resource_keys={"step_launcher", "lab_storage"},
-        pool=GPU_POOL,
+        pool=pool_for(exp),
         kinds={"pytorch"},
         description="One LoRA training run (lora_sft or dpo) in PEFT layout.",
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import GceCompute
+from lab_assets.orchestration.instance import pool_limit
 from resources.compute.gce.launcher import GceStepLauncherResource
 from resources.compute.gce.settings import LaunchSettings
 from resources.compute.local.launcher import LocalStepLauncher
@@ -35,7 +36,8 @@ def build_resources(exp: Experiment) -> dict[str, Any]:
     if isinstance(exp.file.compute, GceCompute):
         launcher = gce_launcher_resource(exp)
     else:
-        launcher = LocalStepLauncher()
+        # As many workers as the `cpu` pool lets run at once share the cores.
+        launcher = LocalStepLauncher(concurrent_workers=pool_limit(exp))
     return {
         "lab_storage": storage,
         "io_manager": ArtifactIOManager(storage=storage),

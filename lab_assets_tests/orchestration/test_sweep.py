@@ -1,4 +1,4 @@
-"""Only stale or missing partitions rematerialise: fingerprints, sweeps, reconcile, schedule.
+"""Only stale or missing partitions rematerialise: fingerprints, sweeps, reconcile, automation.
 
 Each test works on its own copy of the session's materialised small experiment
 and counts what happened from the Dagster instance's event log.
@@ -13,12 +13,12 @@ from dagster import (
     AssetKey,
     AssetRecordsFilter,
     DagsterInstance,
-    RunsFilter,
-    build_schedule_context,
     build_sensor_context,
+    evaluate_automation_conditions,
 )
 
 from lab_assets.experiment.load import load_experiment
+from lab_assets.experiment.versions import Recipe
 from lab_assets.orchestration.runner import run_planned
 from lab_assets.orchestration.sweep import FRESH, MISSING, STALE, assess, plan_sweep, reconcile
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, TESTS_DIR, patched_env
@@ -106,7 +106,7 @@ def test_editing_one_learning_rate_rematerialises_exactly_its_lineage(lab_copy):
         ("classification_results", None),
     }
     assert all(s.state == STALE for s in stale.values())
-    assert stale[("adapter", EDITED)].reasons == ("config changed",)
+    assert stale[("adapter", EDITED)].reasons == ("learning_rate 0.001 → 0.005",)
     assert stale[("spectral_features", EDITED)].reasons == (f"input adapter[{EDITED}] changed",)
     assert stale[("classification_results", None)].reasons == (
         f"input spectral_features[{EDITED}] changed",
@@ -130,7 +130,7 @@ def test_editing_one_learning_rate_rematerialises_exactly_its_lineage(lab_copy):
         AssetRecordsFilter(asset_key=AssetKey("adapter"), asset_partitions=[EDITED]), limit=1
     ).records[0]
     run = instance.get_run_by_id(latest.run_id)
-    assert "adapter stale: config changed" in run.tags["lab/reason"]
+    assert "adapter stale: learning_rate 0.001 → 0.005" in run.tags["lab/reason"]
     # and a second sweep launches nothing
     assert sweep(exp, instance, store) == []
     assert counts(instance)[0] == runs_after
@@ -144,7 +144,7 @@ def test_spectral_code_version_stales_features_not_adapters(lab_copy, monkeypatc
     stale = not_fresh(assess(exp, instance, store_for(exp, lab_copy)))
     assert {a for a, _ in stale} == {"spectral_features", "classification_results"}
     assert len([1 for a, _ in stale if a == "spectral_features"]) == 8
-    assert stale[("spectral_features", EDITED)].reasons == ("code version 1 -> 2",)
+    assert stale[("spectral_features", EDITED)].reasons == ("code version 1 → 2",)
 
 
 def test_added_runs_are_missing_and_nothing_else_rebuilds(lab_copy):
@@ -190,40 +190,161 @@ def test_a_partition_lost_from_storage_is_missing(lab_copy):
     assert stale[("adapter", EDITED)].reasons == ("not in storage",)
 
 
-def test_schedule_and_reconcile_sensor_evaluate(lab_copy, tmp_path):
+def test_differences_name_fields_and_old_records_say_config_changed():
+    new = Recipe("2", "c2", {"adapter[x]": "f2"}, {"learning_rate": 0.002, "steps": 4})
+    old = Recipe("1", "c1", {"adapter[x]": "f1"}, {"learning_rate": 0.001, "steps": 4})
+    assert new.differences(old) == [
+        "code version 1 → 2",
+        "learning_rate 0.001 → 0.002",
+        "input adapter[x] changed",
+    ]
+    legacy = Recipe.from_dict({"code": "2", "config": "c1", "inputs": {"adapter[x]": "f2"}})
+    assert new.differences(legacy) == ["config changed"]
+    assert Recipe.from_dict(new.to_dict()) == new and new.to_dict()["values"]["steps"] == 4
+    assert new.fingerprint == Recipe("2", "c2", {"adapter[x]": "f2"}).fingerprint  # not hashed
+    listed = Recipe("1", "c", {}, {"target_modules": ["q_proj", "v_proj"]})
+    unset = Recipe("1", "d", {}, {"tag": "x"})
+    assert listed.differences(unset) == [
+        "tag x → (unset)",
+        "target_modules (unset) → [q_proj, v_proj]",
+    ]
+
+
+ASSETS = ("base_model", "base_spectrum", "adapter", "spectral_features", "classification_results")
+
+
+def requested(result):
+    return {(a, p) for a in ASSETS for p in result.get_requested_partitions(AssetKey(a))}
+
+
+def test_automation_requests_exactly_the_stale_partitions(lab_copy, tmp_path):
     from lab_assets.definitions import build_definitions
 
-    exp = edited_experiment(
-        tmp_path,
-        "classification: {n_permutations: 10}",
-        "classification: {n_permutations: 10}\nsweep: {cron: '0 3 * * *', max_gpu_in_flight: 2}",
-    )
-    defs = build_definitions(exp)
-    schedule = defs.get_schedule_def("sweep_schedule")
-    assert schedule.cron_schedule == "0 3 * * *"
     instance = lab_copy["instance"]
-    ctx = build_schedule_context(instance=instance, repository_def=defs.get_repository_def())
-    result = schedule.evaluate_tick(ctx)
-    assert not result.run_requests and "nothing missing or stale" in result.skip_message
+    defs = build_definitions(load_experiment(SMALL_EXPERIMENT))
+    sensor = defs.get_sensor_def("rebuild_stale_and_missing")
+    assert sensor.default_status.value == "STOPPED"  # switching it on is the UI's action
+    assert not evaluate_automation_conditions(defs, instance).total_requested
+    runs = len(instance.get_runs())
 
     edited = edited_experiment(
         tmp_path,
         "{method: dpo, task: arith, seed: 1}",
-        "{method: dpo, task: arith, seed: 1, steps: 5}",
-        name="edited2.yaml",
+        "{method: dpo, task: arith, seed: 1, learning_rate: 0.002}",
     )
-    edited_text = edited.path.read_text() + "sweep: {cron: '0 3 * * *'}\n"
-    edited.path.write_text(edited_text)
-    defs = build_definitions(load_experiment(edited.path))
-    schedule = defs.get_schedule_def("sweep_schedule")
-    ctx = build_schedule_context(instance=instance, repository_def=defs.get_repository_def())
-    (request,) = schedule.evaluate_tick(ctx).run_requests
-    assert request.job_name in (None, "sweep_job") and schedule.job_name == "sweep_job"
-    assert request.tags["lab/sweep_runs"] == "2"
-    assert request.tags["lab/sweep_plan"] == (
-        f"adapter+spectral_features [{EDITED}]; classification_results"
-    )
+    result = evaluate_automation_conditions(build_definitions(edited), instance)
+    assert requested(result) == {("adapter", EDITED)}  # inputs first; dependents follow
+    assert len(instance.get_runs()) == runs  # evaluating launches nothing
 
+
+def test_automation_never_requests_a_partition_in_progress(lab_copy, tmp_path):
+    import time
+
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    from lab_assets.definitions import build_definitions
+    from lab_assets.defs.partitions import build_partitions
+
+    instance = lab_copy["instance"]
+    edited = edited_experiment(
+        tmp_path,
+        "{method: dpo, task: arith, seed: 1}",
+        "{method: dpo, task: arith, seed: 1, learning_rate: 0.002}",
+    )
+    defs = build_definitions(edited)
+    adapters = build_partitions(edited).adapters
+    subset = AssetGraphSubset(
+        partitions_subsets_by_asset_key={
+            AssetKey("adapter"): adapters.subset_with_partition_keys([EDITED])
+        }
+    )
+    instance.add_backfill(
+        PartitionBackfill.from_asset_graph_subset(
+            backfill_id="inflight",
+            backfill_timestamp=time.time(),
+            tags={},
+            dynamic_partitions_store=instance,
+            asset_graph_subset=subset,
+            title="in flight",
+            description=None,
+            run_config=None,
+        )
+    )
+    result = evaluate_automation_conditions(defs, instance)
+    assert requested(result) == set()  # the adapter is in progress; its downstream waits
+
+
+def test_sweep_cron_gates_the_same_condition(lab_copy, tmp_path):
+    import datetime
+
+    from lab_assets.definitions import build_definitions
+
+    exp = edited_experiment(
+        tmp_path,
+        "{method: dpo, task: arith, seed: 1}",
+        "{method: dpo, task: arith, seed: 1, steps: 5}",
+    )
+    exp.path.write_text(exp.path.read_text() + "sweep: {cron: '0 3 * * *'}\n")
+    defs = build_definitions(load_experiment(exp.path))
+    sensor = defs.get_sensor_def("rebuild_stale_and_missing")
+    assert sensor.default_status.value == "RUNNING"  # the scheduled sweep
+    assert not defs.schedules and "sweep_job" not in {j.name for j in defs.jobs}
+    instance = lab_copy["instance"]
+    t0 = datetime.datetime(2030, 1, 1, 2, 0, tzinfo=datetime.UTC)
+    first = evaluate_automation_conditions(defs, instance, evaluation_time=t0)
+    assert first.total_requested == 0  # stale, but no cron tick yet
+    later = t0 + datetime.timedelta(hours=1, minutes=5)
+    result = evaluate_automation_conditions(
+        defs, instance, evaluation_time=later, cursor=first.cursor
+    )
+    assert requested(result) == {("adapter", EDITED)}  # inputs first; dependents follow
+
+
+def test_staleness_sensor_records_why_once(lab_copy, tmp_path):
+    from lab_assets.definitions import build_definitions
+
+    instance = lab_copy["instance"]
+    sensor = build_definitions(load_experiment(SMALL_EXPERIMENT)).get_sensor_def("lab_staleness")
+    defs = build_definitions(load_experiment(SMALL_EXPERIMENT))
+    tick = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+    assert not tick.asset_events and "no change: 0" in tick.skip_message
+
+    edited = edited_experiment(
+        tmp_path,
+        "{method: dpo, task: arith, seed: 1}",
+        "{method: dpo, task: arith, seed: 1, learning_rate: 0.002}",
+    )
+    defs = build_definitions(edited)
+    sensor = defs.get_sensor_def("lab_staleness")
+    tick = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+    why = {
+        (e.asset_key.to_user_string(), e.partition): e.metadata["lab/why"].value
+        for e in tick.asset_events
+    }
+    assert why == {
+        ("adapter", EDITED): "learning_rate 0.001 → 0.002",
+        ("spectral_features", EDITED): f"input adapter[{EDITED}] changed",
+        ("classification_results", None): f"input spectral_features[{EDITED}] changed",
+    }
+    assert {e.metadata["lab/state"].value for e in tick.asset_events} == {"stale"}
+    ctx = build_sensor_context(instance=instance, definitions=defs, cursor=tick.cursor)
+    again = sensor.evaluate_tick(ctx)
+    assert not again.asset_events and "no change: 3" in again.skip_message
+    # back to the original file: the three are fresh again, and say so once
+    defs = build_definitions(load_experiment(SMALL_EXPERIMENT))
+    ctx = build_sensor_context(instance=instance, definitions=defs, cursor=tick.cursor)
+    back = defs.get_sensor_def("lab_staleness").evaluate_tick(ctx)
+    assert {e.metadata["lab/state"].value for e in back.asset_events} == {"fresh"}
+    assert len(back.asset_events) == 3
+
+
+def test_reconcile_sensor_evaluates(lab_copy, tmp_path):
+    from lab_assets.definitions import build_definitions
+
+    defs = build_definitions(load_experiment(SMALL_EXPERIMENT))
+    instance = lab_copy["instance"]
+    runs = len(instance.get_runs())
     sensor = defs.get_sensor_def("reconcile_from_storage")
     (tmp_path / "other_home").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "other_home")) as other:
@@ -235,7 +356,7 @@ def test_schedule_and_reconcile_sensor_evaluate(lab_copy, tmp_path):
             ).skip_message,
             str,
         )
-    assert not instance.get_runs(RunsFilter(job_name="sweep_job"))  # evaluation launches nothing
+    assert len(instance.get_runs()) == runs  # evaluation launches nothing
 
 
 def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
@@ -254,4 +375,4 @@ def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
     from lab_assets.defs.partitions import build_partitions
 
     adapter = next(a for a in build_assets(exp, build_partitions(exp)) if a.key.path == ["adapter"])
-    assert adapter.op.pool == "gpu"
+    assert adapter.op.pool == "cpu"  # local compute: the `cpu` pool (GCE: `gpu`)

@@ -30,6 +30,14 @@ EXPERIMENT_ENV = "LAB_EXPERIMENT"  # the experiment file
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # google-cloud-storage's own emulator variable
 PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
 DEFAULT_EMULATOR_PROJECT = "lab-emulator"
+TORCH_THREADS_ENV = "LAB_TORCH_THREADS"  # torch CPU threads per step worker (set_num_threads)
+CONCURRENT_WORKERS_ENV = "LAB_CONCURRENT_WORKERS"  # workers sharing the cores (default 1)
+
+# -- the local warm worker server (fork server) ----------------------------------------------
+WARM_WORKERS_ENV = "LAB_WARM_WORKERS"  # "0": every local step starts a cold subprocess
+WARM_SOCKET_DIR_ENV = "LAB_WARM_SOCKET_DIR"  # where servers' sockets, locks and logs live
+WARM_IDLE_TIMEOUT_ENV = "LAB_WARM_IDLE_TIMEOUT_S"  # a server with no step exits after this
+WARM_PRELOAD_ENV = "LAB_WARM_PRELOAD"  # comma-separated modules a server imports up front
 
 # -- the agent's own environment -------------------------------------------------------------
 METADATA_HOST_ENV = "GCE_METADATA_HOST"

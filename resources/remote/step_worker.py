@@ -5,6 +5,12 @@ the agent). It executes the step with the job's own resources (so the same IO
 manager reads inputs and writes outputs) and appends every Dagster event to an
 events file, one serialized `EventLogEntry` a line, flushed as it happens, so the
 launcher can relay events into the run while the step is still running.
+
+Locally it runs either as ``python -m resources.remote.step_worker`` (a cold
+subprocess) or as ``main`` called in a child forked by the warm worker server
+(``resources.remote.fork_server``), which has torch & co already imported. Either
+way ``$LAB_TORCH_THREADS`` caps torch's CPU threads, so parallel workers do not
+oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from dagster._core.execution.plan.external_step import (
 from dagster._serdes import serialize_value
 
 from resources.remote import preemption
+from resources.remote.protocol import TORCH_THREADS_ENV
+
+
+def limit_torch_threads() -> int | None:
+    """Apply ``$LAB_TORCH_THREADS``: to torch if it is imported already (a forked warm
+    worker), else through the OpenMP/MKL variables torch reads when it is imported."""
+    value = os.environ.get(TORCH_THREADS_ENV, "").strip()
+    if not value:
+        return None
+    n = max(1, int(value))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    return n
 
 
 def run_step(step_run_ref_path: str | Path, events_path: str | Path) -> None:
@@ -29,6 +51,7 @@ def run_step(step_run_ref_path: str | Path, events_path: str | Path) -> None:
     # On a spot VM (the GCE agent sets LAB_PREEMPTIBLE=1) SIGTERM becomes a flag that
     # training code checks to checkpoint and stop (resources/remote/preemption.py).
     preemption.install_if_preemptible()
+    limit_torch_threads()
     with open(step_run_ref_path, "rb") as f:
         step_run_ref = pickle.load(f)
     with open(events_path, "a", encoding="utf-8") as out:

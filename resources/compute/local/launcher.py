@@ -1,11 +1,20 @@
 """The local disposable-worker step launcher.
 
-Each launched step runs in a fresh Python subprocess with its own scratch
-directory (``$LAB_SCRATCH_DIR``), which is deleted afterwards whatever happened:
-success, failure, a crash of the worker, or the run being terminated. The step's
-Dagster events are relayed into the run as they are written, and the worker's
-stdout/stderr lines are relayed as debug log lines, so the UI shows progress live.
-The GCE launcher does the same on a VM; asset code does not change between them.
+Each launched step runs in its own worker process with its own scratch directory
+(``$LAB_SCRATCH_DIR``), which is deleted afterwards whatever happened: success,
+failure, a crash of the worker, or the run being terminated. The step's Dagster
+events are relayed into the run as they are written, and the worker's stdout/stderr
+lines are relayed as debug log lines, so the UI shows progress live. The GCE
+launcher does the same on a VM; asset code does not change between them.
+
+On Linux the worker is, by default, forked by the warm worker server
+(``warm_server``), which keeps dagster/torch/transformers/peft/trl/datasets imported,
+so a step starts in a fraction of a second instead of paying seconds of imports;
+the run process itself imports none of them. With ``warm_workers=False`` (or
+``LAB_WARM_WORKERS=0``), or when the server cannot be reached or started, the worker
+is a cold ``python -m resources.remote.step_worker`` subprocess, as the log says.
+Torch's CPU threads per worker are ``torch_threads`` (``$LAB_TORCH_THREADS``), by
+default the cores divided by ``concurrent_workers`` (``$LAB_CONCURRENT_WORKERS``).
 """
 
 from __future__ import annotations
@@ -15,10 +24,8 @@ import os
 import pickle
 import queue
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +38,19 @@ from dagster._core.execution.context.system import StepExecutionContext
 from dagster._core.execution.plan.external_step import step_context_to_step_run_ref
 
 from resources.compute.events import LocalEventTail, is_terminal
-from resources.remote.protocol import SCRATCH_ENV, SCRATCH_ROOT_ENV
+from resources.compute.local import warm_server
+from resources.compute.local.workers import ColdWorker, WarmWorker
+from resources.remote.protocol import (
+    CONCURRENT_WORKERS_ENV,
+    SCRATCH_ENV,
+    SCRATCH_ROOT_ENV,
+    TORCH_THREADS_ENV,
+    WARM_IDLE_TIMEOUT_ENV,
+    WARM_PRELOAD_ENV,
+    WARM_WORKERS_ENV,
+)
+
+DEFAULT_IDLE_TIMEOUT_S = 600.0
 
 
 class StepWorkerError(RuntimeError):
@@ -45,11 +64,21 @@ class LocalProcessStepLauncher(StepLauncher):
         keep_scratch: bool = False,
         poll_interval_s: float = 0.1,
         python: str | None = None,
+        warm_workers: bool | None = None,
+        torch_threads: int = 0,
+        concurrent_workers: int = 0,
+        warm_idle_timeout_s: float | None = None,
+        warm_preload: list[str] | None = None,
     ):
         self.scratch_root = scratch_root
         self.keep_scratch = keep_scratch
         self.poll_interval_s = poll_interval_s
         self.python = python or sys.executable
+        self.warm_workers = warm_workers
+        self.torch_threads = torch_threads
+        self.concurrent_workers = concurrent_workers
+        self.warm_idle_timeout_s = warm_idle_timeout_s
+        self.warm_preload = warm_preload
 
     def launch_step(self, step_context: StepExecutionContext) -> Iterator[DagsterEvent]:
         step_run_ref = step_context_to_step_run_ref(step_context)
@@ -57,7 +86,7 @@ class LocalProcessStepLauncher(StepLauncher):
         root.mkdir(parents=True, exist_ok=True)
         run_id = step_context.dagster_run.run_id
         scratch = Path(tempfile.mkdtemp(prefix=f"lab-{run_id[:8]}-", dir=root))
-        proc: subprocess.Popen[str] | None = None
+        worker: ColdWorker | WarmWorker | None = None
         step_context.log.info(f"launching {step_run_ref.step_key} in a local worker ({scratch})")
         try:
             ref_path = scratch / "step_run_ref.pkl"
@@ -66,82 +95,125 @@ class LocalProcessStepLauncher(StepLauncher):
             events_path = scratch / "events.jsonl"
             work = scratch / "work"
             work.mkdir()
-            env = {**os.environ, SCRATCH_ENV: str(work), "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.Popen(
-                [
-                    self.python,
-                    "-m",
-                    "resources.remote.step_worker",
-                    str(ref_path),
-                    str(events_path),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-            lines: queue.Queue[str] = queue.Queue()
-            reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-            reader.start()
-            recent: collections.deque[str] = collections.deque(maxlen=40)
-            tail = LocalEventTail(events_path)
-            ended = False
-            with raise_execution_interrupts():
-                while True:
-                    exited = proc.poll() is not None
-                    for entry in tail.poll():
-                        step_context.instance.handle_new_event(entry)
-                        ended = ended or is_terminal(entry)
-                        if entry.is_dagster_event:
-                            yield entry.get_dagster_event()
-                    _relay_lines(step_context, lines, recent)
-                    if exited:
-                        break
-                    time.sleep(self.poll_interval_s)
-                reader.join(timeout=5)
-                _relay_lines(step_context, lines, recent)
-            if not ended:
-                raise StepWorkerError(
-                    f"step worker for {step_run_ref.step_key} exited with code {proc.returncode} "
-                    "before the step ended; its last output:\n" + "\n".join(recent)
-                )
+            env = {
+                **os.environ,
+                SCRATCH_ENV: str(work),
+                "PYTHONUNBUFFERED": "1",
+                TORCH_THREADS_ENV: str(self.torch_thread_count()),
+            }
+            argv = [str(ref_path), str(events_path)]
+            label = f"run {run_id[:8]} step {step_run_ref.step_key}"
+            worker = self._start_worker(step_context, argv, env, scratch, label)
+            step_context.log.info(f"{step_run_ref.step_key} runs in {worker.description}")
+            yield from self._relay(step_context, worker, events_path, step_run_ref.step_key)
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if worker is not None:
+                worker.stop()
             if not self.keep_scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if worker is not None:
+                worker.close()
 
+    def _relay(
+        self,
+        step_context: StepExecutionContext,
+        worker: ColdWorker | WarmWorker,
+        events_path: Path,
+        step_key: str,
+    ) -> Iterator[DagsterEvent]:
+        """Relay events and output lines until the worker exits; raise if the step never ended."""
+        recent: collections.deque[str] = collections.deque(maxlen=40)
+        tail = LocalEventTail(events_path)
+        ended = False
+        with raise_execution_interrupts():
+            while True:
+                worker.poll()
+                exited = worker.exited
+                for entry in tail.poll():
+                    step_context.instance.handle_new_event(entry)
+                    ended = ended or is_terminal(entry)
+                    if entry.is_dagster_event:
+                        yield entry.get_dagster_event()
+                _relay_lines(step_context, worker, recent)
+                if exited:
+                    break
+                time.sleep(self.poll_interval_s)
+            worker.join_output()
+            _relay_lines(step_context, worker, recent)
+        if not ended:
+            code = worker.poll()
+            raise StepWorkerError(
+                f"step worker for {step_key} exited with code "
+                f"{'unknown (its warm server went away)' if code is None else code} "
+                "before the step ended; its last output:\n" + "\n".join(recent)
+            )
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGTERM it if the plan process dies (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    def _start_worker(
+        self,
+        step_context: StepExecutionContext,
+        argv: list[str],
+        env: dict[str, str],
+        scratch: Path,
+        label: str,
+    ) -> ColdWorker | WarmWorker:
+        """A warm worker if enabled and the server answers, else a cold subprocess."""
+        if not self.warm_enabled():
+            return ColdWorker(self.python, argv, env)
+        request = {
+            "argv": argv,
+            "cwd": os.getcwd(),
+            "env": env,
+            "scratch": str(scratch),
+            "keep_scratch": self.keep_scratch,
+            "label": label,
+        }
+        error: Exception | None = None
+        for _ in range(2):  # a server that died mid-request is replaced once
+            try:
+                return WarmWorker(self.python, self.preload(), self.idle_timeout_s(), request)
+            except (warm_server.WarmServerUnavailable, OSError, ValueError) as e:
+                error = e
+        step_context.log.warning(
+            f"warm worker server unavailable ({error}); starting a cold subprocess worker"
+        )
+        return ColdWorker(self.python, argv, env)
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    def warm_enabled(self) -> bool:
+        if not sys.platform.startswith("linux"):
+            return False
+        if self.warm_workers is not None:
+            return self.warm_workers
+        return os.environ.get(WARM_WORKERS_ENV, "1").strip().lower() not in ("0", "false", "no")
 
+    def torch_thread_count(self) -> int:
+        explicit = self.torch_threads or int(os.environ.get(TORCH_THREADS_ENV) or 0)
+        if explicit > 0:
+            return explicit
+        workers = self.concurrent_workers or int(os.environ.get(CONCURRENT_WORKERS_ENV) or 1)
+        return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
 
-def _pump(stream, lines: queue.Queue[str]) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-    stream.close()
+    def preload(self) -> tuple[str, ...]:
+        if self.warm_preload is not None:
+            return tuple(self.warm_preload)
+        env = os.environ.get(WARM_PRELOAD_ENV)
+        if env is not None:
+            return tuple(m.strip() for m in env.split(",") if m.strip())
+        return warm_server.DEFAULT_PRELOAD
+
+    def idle_timeout_s(self) -> float:
+        if self.warm_idle_timeout_s is not None:
+            return self.warm_idle_timeout_s
+        return float(os.environ.get(WARM_IDLE_TIMEOUT_ENV) or DEFAULT_IDLE_TIMEOUT_S)
 
 
 def _relay_lines(
-    step_context: StepExecutionContext, lines: queue.Queue[str], recent: collections.deque[str]
+    step_context: StepExecutionContext,
+    worker: ColdWorker | WarmWorker,
+    recent: collections.deque[str],
 ) -> None:
     while True:
         try:
-            line = lines.get_nowait()
+            line = worker.lines.get_nowait()
         except queue.Empty:
             return
         recent.append(line)
@@ -149,12 +221,24 @@ def _relay_lines(
 
 
 class LocalStepLauncher(ConfigurableResourceFactory[StepLauncher]):
-    """Runs each step that requires it in a fresh local subprocess (a disposable worker)."""
+    """Runs each step that requires it in its own local worker process (a disposable
+    worker, forked by the warm worker server unless ``warm_workers`` is False)."""
 
     scratch_root: str | None = None
     keep_scratch: bool = False
+    warm_workers: bool | None = None  # None: $LAB_WARM_WORKERS, default on (Linux)
+    torch_threads: int = 0  # 0: $LAB_TORCH_THREADS, else cores // concurrent_workers
+    concurrent_workers: int = 0  # 0: $LAB_CONCURRENT_WORKERS, else 1
+    warm_idle_timeout_s: float | None = None  # None: $LAB_WARM_IDLE_TIMEOUT_S, else 600
+    warm_preload: list[str] | None = None  # None: $LAB_WARM_PRELOAD, else the default list
 
     def create_resource(self, context) -> StepLauncher:
         return LocalProcessStepLauncher(
-            scratch_root=self.scratch_root, keep_scratch=self.keep_scratch
+            scratch_root=self.scratch_root,
+            keep_scratch=self.keep_scratch,
+            warm_workers=self.warm_workers,
+            torch_threads=self.torch_threads,
+            concurrent_workers=self.concurrent_workers,
+            warm_idle_timeout_s=self.warm_idle_timeout_s,
+            warm_preload=self.warm_preload,
         )

@@ -1,0 +1,30 @@
+"""`python -m lab_assets.orchestration.daemon_main`: the Dagster daemon that `lab` starts.
+
+It is `dagster-daemon run` with one change: the backfill daemon evaluates every
+`LAB_BACKFILL_INTERVAL_S` seconds (default 2) instead of Dagster's fixed 30, so a
+backfill moves from base models to adapters to the classification without half a
+minute of idling at each level. The constant is read by the backfill loop when it
+starts, so setting it before the daemon starts is enough. A daemon started by
+`dagster dev` keeps Dagster's default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+INTERVAL_ENV = "LAB_BACKFILL_INTERVAL_S"
+
+
+def main() -> None:
+    from dagster._daemon import controller
+    from dagster._daemon.cli import main as daemon_cli
+
+    if hasattr(controller, "DEFAULT_DAEMON_INTERVAL_SECONDS"):
+        controller.DEFAULT_DAEMON_INTERVAL_SECONDS = float(os.environ.get(INTERVAL_ENV) or 2)
+    sys.argv = ["dagster-daemon", "run", *sys.argv[1:]]
+    daemon_cli()
+
+
+if __name__ == "__main__":
+    main()

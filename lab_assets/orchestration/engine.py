@@ -1,0 +1,92 @@
+"""The one engine: a `lab` invocation is one backfill, run by Dagster's daemon and run queue.
+
+`run_backfill` sets the pool limits, makes sure a daemon serves the instance
+(starting one for the duration if none does), writes the backfill, follows it to
+its end, and on Ctrl-C or SIGTERM cancels it so no run is left in progress. The
+same backfill could have been launched from the UI: the daemon, the run queue and
+the pools treat it the same.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus
+
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.orchestration.backfill import AssetPartition, submit_backfill
+from lab_assets.orchestration.daemon import daemon_for, daemon_serves
+from lab_assets.orchestration.instance import set_pool_limits
+from lab_assets.orchestration.watch import Progress, cancel_backfill, wait_for_backfill
+
+
+@dataclass
+class BackfillResult:
+    backfill_id: str
+    progress: Progress
+    seconds: float
+    started_daemon: bool
+    canceled: tuple[int, int] | None = None  # (queued canceled, running terminated)
+
+    @property
+    def ok(self) -> bool:
+        p = self.progress
+        return (
+            self.canceled is None
+            and p.failed == 0
+            and p.done == p.total
+            and not p.count(DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+        )
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_backfill(
+    instance: DagsterInstance,
+    exp: Experiment,
+    targets: list[AssetPartition],
+    title: str,
+    on_progress: Callable[[Progress], None],
+    on_event: Callable[[str], None] = print,
+    tags: dict[str, str] | None = None,
+    run_config: dict | None = None,
+) -> BackfillResult:
+    """Backfill exactly `targets` through the daemon; returns when it has ended or was canceled."""
+    set_pool_limits(instance, exp)
+    # (not under $DAGSTER_HOME/logs: the daemon empties that folder when it starts)
+    log = Path(instance.root_directory) / "lab" / "daemon.log"
+    t0 = time.perf_counter()
+    with daemon_for(instance, exp, log) as started:
+        on_event("daemon: started for this command" if started else "daemon: using the one running")
+        backfill_id = submit_backfill(instance, exp, targets, title, tags, run_config)
+        on_event(f"backfill {backfill_id}: {len(targets)} asset partitions ({title})")
+        with _sigterm_as_interrupt():
+            try:
+                progress = wait_for_backfill(
+                    instance,
+                    backfill_id,
+                    len(targets),
+                    on_progress,
+                    daemon_alive=lambda: daemon_serves(instance),
+                )
+                canceled = None
+            except KeyboardInterrupt:
+                on_event("interrupted: canceling the backfill and its runs ...")
+                canceled = cancel_backfill(instance, backfill_id)
+                progress = wait_for_backfill(instance, backfill_id, len(targets), on_progress)
+    return BackfillResult(backfill_id, progress, time.perf_counter() - t0, started, canceled)

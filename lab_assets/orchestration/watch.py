@@ -1,0 +1,156 @@
+"""Following a backfill to its end: progress, live step lines, and Ctrl-C that cleans up.
+
+Progress is Dagster's own bookkeeping: the backfill's materialised and failed asset
+partitions, and its runs (tag `dagster/backfill`). For each run in progress the
+watcher shows its partition and the latest training line it logged (`step k/N loss
+x`). Ctrl-C (or SIGTERM) cancels the backfill: queued runs are canceled, running ones
+are terminated through the run launcher (their step launchers kill the worker, delete
+the scratch directory, and on GCE delete the VM), and the watcher waits until no run
+is left in progress.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.events import DagsterEventType
+from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
+
+IN_PROGRESS = {
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+}
+DONE_STATUSES = {
+    BulkActionStatus.COMPLETED,
+    BulkActionStatus.COMPLETED_SUCCESS,
+    BulkActionStatus.COMPLETED_FAILED,
+    BulkActionStatus.FAILED,
+    BulkActionStatus.CANCELED,
+}
+_STEP_LINE = re.compile(r"step \d+/\d+.*")
+
+
+@dataclass
+class Progress:
+    """A snapshot of a backfill, as the CLI shows it."""
+
+    status: BulkActionStatus
+    total: int  # asset partitions targeted
+    done: int  # materialised
+    failed: int  # failed, or not materialised because something upstream failed
+    runs: list[DagsterRun] = field(default_factory=list)
+    running: dict[str, str] = field(default_factory=dict)  # partition -> latest step line
+
+    @property
+    def finished(self) -> bool:
+        return self.status in DONE_STATUSES
+
+    def count(self, *statuses: DagsterRunStatus) -> int:
+        return sum(1 for r in self.runs if r.status in statuses)
+
+
+def backfill_runs(instance: DagsterInstance, backfill_id: str) -> list[DagsterRun]:
+    return list(instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})))
+
+
+def snapshot(instance: DagsterInstance, backfill_id: str, total: int) -> Progress:
+    backfill = instance.get_backfill(backfill_id)
+    data = backfill.asset_backfill_data
+    done = data.materialized_subset.num_partitions_and_non_partitioned_assets if data else 0
+    failed = (
+        data.failed_and_downstream_subset.num_partitions_and_non_partitioned_assets if data else 0
+    )
+    runs = backfill_runs(instance, backfill_id)
+    running = {
+        r.tags.get(PARTITION_NAME_TAG, "(unpartitioned)"): _latest_step_line(instance, r.run_id)
+        for r in runs
+        if r.status == DagsterRunStatus.STARTED
+    }
+    return Progress(backfill.status, total, done, failed, runs, running)
+
+
+def _latest_step_line(instance: DagsterInstance, run_id: str) -> str:
+    records = instance.event_log_storage.get_records_for_run(
+        run_id, limit=50, ascending=False
+    ).records
+    for rec in records:
+        msg = rec.event_log_entry.user_message or ""
+        m = _STEP_LINE.search(msg)
+        if m:
+            return m.group(0)[:60]
+    return "starting"
+
+
+def wait_for_backfill(
+    instance: DagsterInstance,
+    backfill_id: str,
+    total: int,
+    on_progress: Callable[[Progress], None],
+    poll_s: float = 1.0,
+    daemon_alive: Callable[[], bool] = lambda: True,
+) -> Progress:
+    """Poll until the backfill ends; `daemon_alive` going False stops the wait with an error."""
+    while True:
+        progress = snapshot(instance, backfill_id, total)
+        on_progress(progress)
+        if progress.finished and not progress.count(*IN_PROGRESS):
+            return progress
+        if not daemon_alive():
+            raise RuntimeError(
+                "no Dagster daemon serves this instance any more (its heartbeat stopped); "
+                f"backfill {backfill_id} is left as it is: start `dagster dev` or rerun `lab`"
+            )
+        time.sleep(poll_s)
+
+
+def cancel_backfill(
+    instance: DagsterInstance, backfill_id: str, timeout_s: float = 120
+) -> tuple[int, int]:
+    """Cancel the backfill and its runs; wait until none is in progress.
+
+    Returns (queued runs canceled, running runs terminated).
+    """
+    backfill = instance.get_backfill(backfill_id)
+    if backfill.status not in DONE_STATUSES:
+        instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
+    canceled = terminated = 0
+    asked: set[str] = set()
+    quiet = 0  # polls in a row with nothing in progress: the daemon may still be submitting
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and quiet < 3:
+        active = [r for r in backfill_runs(instance, backfill_id) if r.status in IN_PROGRESS]
+        quiet = 0 if active else quiet + 1
+        for run in active:
+            if run.run_id in asked or run.status == DagsterRunStatus.CANCELING:
+                continue
+            asked.add(run.run_id)
+            if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):
+                canceled += bool(instance.run_coordinator.cancel_run(run.run_id))
+            else:
+                terminated += bool(instance.run_coordinator.cancel_run(run.run_id))
+        time.sleep(1.0)
+    backfill = instance.get_backfill(backfill_id)
+    if backfill.status not in DONE_STATUSES:
+        instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+    return canceled, terminated
+
+
+def run_failures(instance: DagsterInstance, run: DagsterRun) -> list[str]:
+    """Each failed step's innermost error message (the user code's, not Dagster's wrapper)."""
+    out = []
+    for rec in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE):
+        error = rec.dagster_event.step_failure_data.error if rec.dagster_event else None
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            out.append(f"{rec.step_key}: {error.message.strip()}")
+    return out

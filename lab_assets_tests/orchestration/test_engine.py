@@ -1,0 +1,140 @@
+"""The one engine: `lab materialize` is one backfill whose runs the daemon's queue runs in parallel.
+
+The session fixture `small_lab` ran `lab materialize` exactly as a researcher does
+(a subprocess, no daemon running beforehand); these tests read what it left in the
+instance. The Ctrl-C test starts its own `lab materialize` and interrupts it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.storage.tags import BACKFILL_ID_TAG
+
+from lab_assets.orchestration.daemon import daemon_serves
+from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
+
+
+def _instance(env):
+    return patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]})
+
+
+def test_materialize_is_one_backfill_of_every_partition(small_lab):
+    exp = small_lab["exp"]
+    with _instance(small_lab["env"]), DagsterInstance.get() as instance:
+        backfills = instance.get_backfills()
+        assert len(backfills) == 1
+        backfill = backfills[0]
+        assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+        assert backfill.title == "lab materialize: small"
+        # (other tests may add runs to this instance later: count the backfill's own)
+        runs = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id}))
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+        # Every run came from the queue, launched by the daemon: the base model with its
+        # spectrum, then per adapter partition its training (+ its features when the
+        # daemon requests both in one tick), then the classification.
+        assert 2 + len(exp.runs) <= len(runs) <= 2 + 2 * len(exp.runs)
+        selected = [k.to_user_string() for r in runs for k in (r.asset_selection or [])]
+        assert selected.count("adapter") == len(exp.runs)
+        assert selected.count("classification_results") == 1
+        assert not daemon_serves(instance)  # the daemon `lab` started is gone
+    assert f"backfill {backfill.backfill_id}: 19/19 asset partitions materialised" in (
+        small_lab["proc"].stdout
+    )
+
+
+def test_runs_overlap_in_time(small_lab):
+    with _instance(small_lab["env"]), DagsterInstance.get() as instance:
+        backfill_id = instance.get_backfills()[-1].backfill_id
+        records = instance.get_run_records(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        spans = sorted((r.start_time, r.end_time) for r in records if r.start_time)
+    overlaps = sum(1 for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1])
+    assert overlaps >= 1, spans
+
+
+def _lab_workers(scratch: str) -> list[psutil.Process]:
+    """Live processes of this test's lab: runs, workers and daemons (by their environment).
+
+    The warm worker server is not one of them: it is shared, and exits when idle."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if (
+                p.pid != os.getpid()
+                and p.environ().get("LAB_SCRATCH_ROOT") == scratch
+                and "resources.remote.fork_server" not in " ".join(p.cmdline())
+            ):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
+    env = {
+        **os.environ,
+        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
+        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
+    }
+    (tmp_path / "scratch").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab_assets.cli", "materialize"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}):
+            deadline = time.monotonic() + 600
+            adapter_started = False
+            log = tmp_path / "home" / "lab" / "daemon.log"
+            while not adapter_started and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(1)
+                # Open the instance only once `lab` and its daemon have set it up: two
+                # processes creating a new SQLite instance at once would race.
+                if not log.exists() or "daemons" not in log.read_text(errors="replace"):
+                    continue
+                with DagsterInstance.get() as instance:
+                    adapter_started = any(
+                        "|" in r.tags.get("dagster/partition", "")
+                        for r in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+                    )
+            assert adapter_started, "no adapter run started in time"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 130, err[-3000:]
+            assert "canceled:" in err and "nothing is left running" in err
+            with DagsterInstance.get() as instance:
+                runs = instance.get_runs()
+                in_progress = [
+                    r
+                    for r in runs
+                    if r.status
+                    in (
+                        DagsterRunStatus.QUEUED,
+                        DagsterRunStatus.STARTING,
+                        DagsterRunStatus.STARTED,
+                        DagsterRunStatus.CANCELING,
+                    )
+                ]
+                assert not in_progress, [(r.run_id, r.status) for r in in_progress]
+                assert any(r.status == DagsterRunStatus.CANCELED for r in runs)
+                assert instance.get_backfills()[0].status == BulkActionStatus.CANCELED
+        deadline = time.monotonic() + 30
+        while _lab_workers(str(tmp_path / "scratch")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _lab_workers(str(tmp_path / "scratch")) == []  # no worker, run or daemon left
+        assert os.listdir(tmp_path / "scratch") == []  # every scratch dir deleted
+    finally:
+        if proc.poll() is None:
+            proc.kill()

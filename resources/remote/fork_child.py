@@ -1,0 +1,105 @@
+"""The child side of the warm worker server: turn a fresh fork into one step worker.
+
+The server (``resources.remote.fork_server``) has dagster, torch, transformers & co
+imported and forks once per step; this module makes that fork look like the cold
+``python -m resources.remote.step_worker`` a launcher would otherwise start: its own
+session and process group, the requester's working directory, environment and
+import path, stdout/stderr on the pipe the requester passed over the socket, and the
+lab's own code imported fresh (the server never imports it, so edits are never
+stale). It runs ``step_worker.main`` and ends with ``os._exit``.
+
+The child's parent is the server, not the run process, so PDEATHSIG cannot tie it to
+the run. Instead a thread watches the requester's end of the connection: when the
+run process closes it or dies (the kernel closes it), the child terminates its
+whole process group. Standard library only at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+# seconds between SIGTERM and SIGKILL of the process group once the requester is gone
+KILL_GRACE_S = 5.0
+
+
+def become_worker(
+    conn: socket.socket, request: dict, out_fd: int, close_fds: list[int], base_path: list[str]
+) -> None:
+    """In the forked child: set up, run the step, and ``os._exit`` with its code. Never returns."""
+    code = 1
+    try:
+        _detach(close_fds, out_fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[:] = [request["cwd"], *base_path]
+        sys.argv = ["step_worker", *request["argv"]]
+        conn.setblocking(True)
+        threading.Thread(target=_die_with_requester, args=(conn,), daemon=True).start()
+        step_worker = importlib.import_module("resources.remote.step_worker")
+        code = step_worker.main(list(request["argv"]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the worker reports whatever killed it, then exits
+        traceback.print_exc()
+        code = 1
+    finally:
+        _flush()
+        os._exit(code)
+
+
+def _detach(close_fds: list[int], out_fd: int) -> None:
+    """New session, the server's signal handling undone, fds 0/1/2 rewired."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    # the server's sys.stdout/err were made for /dev/null (block-buffered): line-buffer them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+
+
+def _die_with_requester(conn: socket.socket) -> None:
+    """Block until the requester's end closes (it sends nothing more), then end the group."""
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+    _flush()
+    try:
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(KILL_GRACE_S)
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(143)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
