@@ -56,6 +56,7 @@ def daemon_for(
         EXPERIMENT_ENV: str(exp.path),
         STORAGE_ENV: exp.storage_root,
         "DAGSTER_HOME": str(Path(instance.root_directory).resolve()),
+        "LAB_DAEMON_PARENT_PID": str(os.getpid()),
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

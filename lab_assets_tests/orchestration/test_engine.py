@@ -138,3 +138,49 @@ def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_daemon_lab_started_dies_with_lab_even_on_sigkill(tmp_path):
+    env = {
+        **os.environ,
+        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
+        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
+    }
+    (tmp_path / "scratch").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab_assets.cli", "materialize"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "home" / "lab" / "daemon.log"
+
+    def daemons():
+        return [
+            p
+            for p in _lab_workers(str(tmp_path / "scratch"))
+            if "lab_assets.orchestration.daemon_main" in " ".join(p.cmdline())
+        ]
+
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (
+            log.exists() and "daemons" in log.read_text(errors="replace") and daemons()
+        ):
+            assert proc.poll() is None
+            time.sleep(0.5)
+        assert daemons(), "the daemon never started"
+        proc.kill()  # SIGKILL: `lab` gets no chance to stop it
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while daemons() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert daemons() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in daemons():
+            p.kill()
