@@ -75,7 +75,8 @@ def _lab_workers(scratch: str) -> list[psutil.Process]:
     return out
 
 
-def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
+def _start_lab_materialize(tmp_path, capture: bool) -> tuple[subprocess.Popen, dict]:
+    """`lab materialize` of the small experiment into fresh storage, scratch and instance."""
     env = {
         **os.environ,
         "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
@@ -84,14 +85,20 @@ def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
         "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
     }
     (tmp_path / "scratch").mkdir()
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab_assets.cli", "materialize"],
         env=env,
         cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=out,
         text=True,
     )
+    return proc, env
+
+
+def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
+    proc, env = _start_lab_materialize(tmp_path, capture=True)
     try:
         with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}):
             deadline = time.monotonic() + 600
@@ -141,21 +148,7 @@ def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
 
 
 def test_the_daemon_lab_started_dies_with_lab_even_on_sigkill(tmp_path):
-    env = {
-        **os.environ,
-        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
-        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
-        "DAGSTER_HOME": str(tmp_path / "home"),
-        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
-    }
-    (tmp_path / "scratch").mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab_assets.cli", "materialize"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, _ = _start_lab_materialize(tmp_path, capture=False)
     log = tmp_path / "home" / "lab" / "daemon.log"
 
     def daemons():

@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from resources.compute.gce.api import ComputeApi
 
 
-
 class GceStepLauncher(StepLauncher):
     def __init__(
         self,
