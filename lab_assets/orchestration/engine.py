@@ -10,6 +10,7 @@ the pools treat it the same.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,12 @@ from lab_assets.experiment.resolved import Experiment
 from lab_assets.orchestration.backfill import AssetPartition, submit_backfill
 from lab_assets.orchestration.daemon import daemon_for, daemon_serves
 from lab_assets.orchestration.instance import set_pool_limits
-from lab_assets.orchestration.watch import Progress, cancel_backfill, wait_for_backfill
+from lab_assets.orchestration.watch import (
+    Interrupted,
+    Progress,
+    cancel_backfill,
+    wait_for_backfill,
+)
 
 
 @dataclass
@@ -45,15 +51,19 @@ class BackfillResult:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def _interrupts_as_flag() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set a flag for the block (the previous handlers come back after)."""
+    stop = threading.Event()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def handler(signum, frame):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def run_backfill(
@@ -75,7 +85,7 @@ def run_backfill(
         on_event("daemon: started for this command" if started else "daemon: using the one running")
         backfill_id = submit_backfill(instance, exp, targets, title, tags, run_config)
         on_event(f"backfill {backfill_id}: {len(targets)} asset partitions ({title})")
-        with _sigterm_as_interrupt():
+        with _interrupts_as_flag() as stop:
             try:
                 progress = wait_for_backfill(
                     instance,
@@ -83,9 +93,10 @@ def run_backfill(
                     len(targets),
                     on_progress,
                     daemon_alive=lambda: daemon_serves(instance),
+                    stop=stop,
                 )
                 canceled = None
-            except KeyboardInterrupt:
+            except Interrupted:
                 on_event("interrupted: canceling the backfill and its runs ...")
                 canceled = cancel_backfill(instance, backfill_id)
                 progress = wait_for_backfill(instance, backfill_id, len(targets), on_progress)

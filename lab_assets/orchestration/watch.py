@@ -12,6 +12,7 @@ is left in progress.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ def _latest_step_line(instance: DagsterInstance, run_id: str) -> str:
     return "starting"
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while following a backfill."""
+
+
 def wait_for_backfill(
     instance: DagsterInstance,
     backfill_id: str,
@@ -97,9 +102,18 @@ def wait_for_backfill(
     on_progress: Callable[[Progress], None],
     poll_s: float = 1.0,
     daemon_alive: Callable[[], bool] = lambda: True,
+    stop: threading.Event | None = None,
 ) -> Progress:
-    """Poll until the backfill ends; `daemon_alive` going False stops the wait with an error."""
+    """Poll until the backfill ends.
+
+    `daemon_alive` going False stops the wait with an error; `stop` being set (by a
+    signal handler) raises `Interrupted`. A flag, not a `KeyboardInterrupt` raised
+    wherever the signal lands: library code on the way (database calls) must not be
+    able to swallow it.
+    """
     while True:
+        if stop is not None and stop.is_set():
+            raise Interrupted
         progress = snapshot(instance, backfill_id, total)
         on_progress(progress)
         if progress.finished and not progress.count(*IN_PROGRESS):
@@ -109,7 +123,10 @@ def wait_for_backfill(
                 "no Dagster daemon serves this instance any more (its heartbeat stopped); "
                 f"backfill {backfill_id} is left as it is: start `dagster dev` or rerun `lab`"
             )
-        time.sleep(poll_s)
+        if stop is not None:
+            stop.wait(poll_s)
+        else:
+            time.sleep(poll_s)
 
 
 def cancel_backfill(
