@@ -15,7 +15,7 @@ from tqdm import tqdm
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.orchestration.backfill import AssetPartition
 from lab_assets.orchestration.engine import run_backfill
-from lab_assets.orchestration.watch import run_failures
+from lab_assets.orchestration.watch import IN_PROGRESS, run_failures
 
 
 def backfill_with_progress(
@@ -51,9 +51,10 @@ def backfill_with_progress(
     )
     if result.canceled is not None:
         queued, running = result.canceled
+        left = [r.run_id for r in p.runs if r.status in IN_PROGRESS]
         print(
             f"canceled: {queued} queued runs canceled, {running} running runs terminated; "
-            "nothing is left running",
+            + (f"still in progress: {', '.join(left)}" if left else "nothing is left running"),
             file=sys.stderr,
         )
         return 130

@@ -27,6 +27,7 @@ from lab_assets.orchestration.watch import (
     Interrupted,
     Progress,
     cancel_backfill,
+    snapshot,
     wait_for_backfill,
 )
 
@@ -99,5 +100,6 @@ def run_backfill(
             except Interrupted:
                 on_event("interrupted: canceling the backfill and its runs ...")
                 canceled = cancel_backfill(instance, backfill_id)
-                progress = wait_for_backfill(instance, backfill_id, len(targets), on_progress)
+                progress = snapshot(instance, backfill_id, len(targets))
+                on_progress(progress)
     return BackfillResult(backfill_id, progress, time.perf_counter() - t0, started, canceled)

@@ -130,35 +130,53 @@ def wait_for_backfill(
 
 
 def cancel_backfill(
-    instance: DagsterInstance, backfill_id: str, timeout_s: float = 120
+    instance: DagsterInstance, backfill_id: str, timeout_s: float = 120, reask_s: float = 10
 ) -> tuple[int, int]:
     """Cancel the backfill and its runs; wait until none is in progress.
 
-    Returns (queued runs canceled, running runs terminated).
+    A termination request can miss a run that is still starting (its process is not
+    yet there to receive it), so it is repeated every `reask_s`. Runs that no process
+    ever answered for by `timeout_s` (queued, starting or stuck canceling) are recorded
+    as canceled, so none is left looking alive. Returns (queued runs canceled, running
+    runs terminated).
     """
     backfill = instance.get_backfill(backfill_id)
     if backfill.status not in DONE_STATUSES:
         instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
-    canceled = terminated = 0
-    asked: set[str] = set()
+    queued = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED}
+    canceled: set[str] = set()
+    terminated: set[str] = set()
+    asked_at: dict[str, float] = {}
     quiet = 0  # polls in a row with nothing in progress: the daemon may still be submitting
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and quiet < 3:
         active = [r for r in backfill_runs(instance, backfill_id) if r.status in IN_PROGRESS]
         quiet = 0 if active else quiet + 1
         for run in active:
-            if run.run_id in asked or run.status == DagsterRunStatus.CANCELING:
+            if time.monotonic() - asked_at.get(run.run_id, -1e9) < reask_s:
                 continue
-            asked.add(run.run_id)
-            if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):
-                canceled += bool(instance.run_coordinator.cancel_run(run.run_id))
+            asked_at[run.run_id] = time.monotonic()
+            if run.status in queued:
+                instance.run_coordinator.cancel_run(run.run_id)
+                canceled.add(run.run_id)
             else:
-                terminated += bool(instance.run_coordinator.cancel_run(run.run_id))
+                _request_termination(instance, run)
+                terminated.add(run.run_id)
         time.sleep(1.0)
+    for run in backfill_runs(instance, backfill_id):
+        if run.status in IN_PROGRESS and run.status != DagsterRunStatus.STARTED:
+            instance.report_run_canceled(run, message="lab: canceled; no process answered")
     backfill = instance.get_backfill(backfill_id)
     if backfill.status not in DONE_STATUSES:
         instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
-    return canceled, terminated
+    return len(canceled), len(terminated - canceled)
+
+
+def _request_termination(instance: DagsterInstance, run: DagsterRun) -> None:
+    try:
+        instance.run_launcher.terminate(run.run_id)
+    except Exception as e:  # the run's process may be gone already: asked again, then recorded
+        instance.report_engine_event(f"lab: termination request failed: {e}", run)
 
 
 def run_failures(instance: DagsterInstance, run: DagsterRun) -> list[str]:

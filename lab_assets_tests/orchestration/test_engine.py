@@ -118,7 +118,7 @@ def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
                     )
             assert adapter_started, "no adapter run started in time"
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=300)
+            out, err = proc.communicate(timeout=600)
             assert proc.returncode == 130, err[-3000:]
             assert "canceled:" in err and "nothing is left running" in err
             with DagsterInstance.get() as instance:
