@@ -25,15 +25,10 @@ def warm_servers_of_this_session():
     from resources.remote.protocol import WARM_SOCKET_DIR_ENV
 
     directory = Path(tempfile.mkdtemp(prefix="lw-s-", dir="/tmp"))  # short: socket paths
-    saved = os.environ.get(WARM_SOCKET_DIR_ENV)
-    os.environ[WARM_SOCKET_DIR_ENV] = str(directory)
     try:
-        yield directory
+        with patched_env({WARM_SOCKET_DIR_ENV: str(directory)}):
+            yield directory
     finally:
-        if saved is None:
-            os.environ.pop(WARM_SOCKET_DIR_ENV, None)
-        else:
-            os.environ[WARM_SOCKET_DIR_ENV] = saved
         stop_servers(directory)
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -19,12 +19,11 @@ from dagster._core.utils import make_new_backfill_id
 
 from lab_assets.defs.partitions import build_partitions
 from lab_assets.experiment.resolved import Experiment
-from lab_assets.experiment.versions import all_partitions
+from lab_assets.experiment.versions import ASSET_ORDER, all_partitions
 from lab_assets.names import (
     ADAPTER,
     BASE_MODEL,
     BASE_SPECTRUM,
-    CLASSIFICATION,
     INVOCATION_TAG,
     SPECTRAL_FEATURES,
 )
@@ -34,11 +33,7 @@ AssetPartition = tuple[str, str | None]
 
 def every_partition(exp: Experiment) -> list[AssetPartition]:
     """All (asset, partition) pairs of the experiment, upstream first."""
-    return [
-        (asset, p)
-        for asset in (BASE_MODEL, BASE_SPECTRUM, ADAPTER, SPECTRAL_FEATURES, CLASSIFICATION)
-        for p in all_partitions(exp, asset)
-    ]
+    return [(asset, p) for asset in ASSET_ORDER for p in all_partitions(exp, asset)]
 
 
 def asset_graph_subset(exp: Experiment, targets: Iterable[AssetPartition]) -> AssetGraphSubset:

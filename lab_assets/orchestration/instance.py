@@ -47,7 +47,8 @@ def ensure_dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
-    if not cfg.exists() or (cfg.read_text().startswith(_MARK) and cfg.read_text() != DAGSTER_YAML):
+    current = cfg.read_text() if cfg.exists() else None
+    if current is None or (current.startswith(_MARK) and current != DAGSTER_YAML):
         cfg.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
@@ -65,13 +66,14 @@ def pool_limit(exp: Experiment) -> int:
 
 
 def set_pool_limits(instance: DagsterInstance, exp: Experiment) -> None:
-    """Cap concurrent training steps at the experiment's quota (GPUs, or local cores)."""
-    instance.event_log_storage.set_concurrency_slots(pool_for(exp), pool_limit(exp))
+    """Cap concurrent training steps at the experiment's quota (GPUs, or local cores).
 
-
-def set_gpu_pool_limit(instance: DagsterInstance, exp: Experiment) -> None:
-    """The `gpu` pool's limit: the experiment's GPU quota (whatever its compute)."""
-    instance.event_log_storage.set_concurrency_slots(GPU_POOL, exp.file.sweep.max_gpu_in_flight)
+    Written only when it differs: definitions load in every run process, and a write
+    per load would contend for the instance's database with the runs beside it.
+    """
+    storage, pool, limit = instance.event_log_storage, pool_for(exp), pool_limit(exp)
+    if storage.get_concurrency_info(pool).slot_count != limit:
+        storage.set_concurrency_slots(pool, limit)
 
 
 def apply_pool_limits(exp: Experiment) -> None:

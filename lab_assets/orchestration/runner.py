@@ -10,13 +10,14 @@ use it to rebuild a few partitions without starting a daemon.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dagster import AssetKey, DagsterInstance, build_reconstructable_job, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.names import REASON_TAG
+from lab_assets.orchestration.watch import root_cause_message
 
 # The job of an experiment is rebuilt in every process that runs one of its steps
 # (a local worker, a VM) from the experiment's text: see `definitions.experiment_job`.
@@ -40,15 +41,6 @@ class RunOutcome:
     run_id: str
     success: bool
     seconds: float
-
-
-class ExperimentRunSummary:
-    outcomes: list[RunOutcome] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list[RunOutcome]:
-        return [o for o in self.outcomes if not o.success]
 
 
 class RunFailed(RuntimeError):
@@ -96,7 +88,7 @@ def run_planned(
         outcome = RunOutcome(planned, result.run_id, result.success, time.perf_counter() - t0)
         if not result.success:
             errors = [
-                f"{e.step_key}: {_root_cause(e.step_failure_data.error)}"
+                f"{e.step_key}: {root_cause_message(e.step_failure_data.error)}"
                 for e in result.all_events
                 if e.is_step_failure and e.step_failure_data and e.step_failure_data.error
             ]
@@ -105,10 +97,3 @@ def run_planned(
                 f"{planned.label} failed (run {result.run_id}):\n  " + "\n  ".join(errors or ["?"]),
             )
     return outcome
-
-
-def _root_cause(error) -> str:
-    """The innermost error's message: the user code's exception, not Dagster's wrapper."""
-    while error.cause is not None:
-        error = error.cause
-    return error.message.strip()

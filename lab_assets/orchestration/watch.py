@@ -179,13 +179,18 @@ def _request_termination(instance: DagsterInstance, run: DagsterRun) -> None:
         instance.report_engine_event(f"lab: termination request failed: {e}", run)
 
 
+def root_cause_message(error) -> str:
+    """The innermost error's message: the user code's exception, not Dagster's wrapper."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
 def run_failures(instance: DagsterInstance, run: DagsterRun) -> list[str]:
     """Each failed step's innermost error message (the user code's, not Dagster's wrapper)."""
     out = []
     for rec in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE):
         error = rec.dagster_event.step_failure_data.error if rec.dagster_event else None
-        while error is not None and error.cause is not None:
-            error = error.cause
         if error is not None:
-            out.append(f"{rec.step_key}: {error.message.strip()}")
+            out.append(f"{rec.step_key}: {root_cause_message(error)}")
     return out

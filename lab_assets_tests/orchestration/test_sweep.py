@@ -360,16 +360,20 @@ def test_reconcile_sensor_evaluates(lab_copy, tmp_path):
 
 
 def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
-    from lab_assets.orchestration.instance import set_gpu_pool_limit
+    from lab_assets.orchestration.instance import set_pool_limits
 
     exp = edited_experiment(
         tmp_path,
         "classification: {n_permutations: 10}",
         "classification: {n_permutations: 10}\nsweep: {max_gpu_in_flight: 3}",
     )
+    gce_file = tmp_path / "gce.yaml"  # the `gpu` pool belongs to GCE experiments
+    gce_file.write_text(
+        (TESTS_DIR / "experiments" / "gce.yaml").read_text() + "\nsweep: {max_gpu_in_flight: 3}\n"
+    )
     (tmp_path / "home").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
-        set_gpu_pool_limit(instance, exp)
+        set_pool_limits(instance, load_experiment(gce_file))
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
     from lab_assets.defs.assets import build_assets
     from lab_assets.defs.partitions import build_partitions
