@@ -35,3 +35,4 @@ REASON_TAG = "lab/reason"
 INVOCATION_TAG = "lab/invocation"  # which `lab` command submitted a backfill
 SWEEP_RUNS_TAG = "lab/sweep_runs"
 SWEEP_PLAN_TAG = "lab/sweep_plan"
+RUN_WORKER_TAG = "lab/run_worker"  # host, pid and start time of the run's worker process

@@ -39,6 +39,14 @@ concurrency:
     max_concurrent_runs: -1
   pools:
     granularity: run
+# Each run's worker is forked from a process with dagster, torch & co imported.
+run_launcher:
+  module: lab_assets.orchestration.run_launcher
+  class: WarmRunLauncher
+# The daemon marks a run failed when its worker is gone (never left STARTED).
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 5
 """
 
 

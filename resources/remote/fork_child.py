@@ -6,7 +6,8 @@ imported and forks once per step; this module makes that fork look like the cold
 session and process group, the requester's working directory, environment and
 import path, stdout/stderr on the pipe the requester passed over the socket, and the
 lab's own code imported fresh (the server never imports it, so edits are never
-stale). It runs ``step_worker.main`` and ends with ``os._exit``.
+stale). It runs ``step_worker.main`` (or the requested module's ``main``: a Dagster
+run worker, say) and ends with ``os._exit``.
 
 The child's parent is the server, not the run process, so PDEATHSIG cannot tie it to
 the run. Instead a thread watches the requester's end of the connection: when the
@@ -27,6 +28,7 @@ import traceback
 
 # seconds between SIGTERM and SIGKILL of the process group once the requester is gone
 KILL_GRACE_S = 5.0
+DEFAULT_MODULE = "resources.remote.step_worker"  # whose main(argv) a child runs
 
 
 def become_worker(
@@ -40,11 +42,15 @@ def become_worker(
         os.environ.clear()
         os.environ.update(request["env"])
         sys.path[:] = [request["cwd"], *base_path]
-        sys.argv = ["step_worker", *request["argv"]]
-        conn.setblocking(True)
-        threading.Thread(target=_die_with_requester, args=(conn,), daemon=True).start()
-        step_worker = importlib.import_module("resources.remote.step_worker")
-        code = step_worker.main(list(request["argv"]))
+        module = request.get("module") or DEFAULT_MODULE
+        sys.argv = [module, *request["argv"]]
+        if request.get("detached"):
+            conn.close()  # nobody waits on a detached worker: it lives until it is done
+        else:
+            conn.setblocking(True)
+            threading.Thread(target=_die_with_requester, args=(conn,), daemon=True).start()
+        result = importlib.import_module(module).main(list(request["argv"]))
+        code = result if isinstance(result, int) else 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - the worker reports whatever killed it, then exits

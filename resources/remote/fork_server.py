@@ -17,6 +17,11 @@ Rules (the client side is ``resources.compute.local.warm_server``):
   the write end of the requester's output pipe as an ``SCM_RIGHTS`` fd. The reply is
   ``{"pid": N}``; when the child is reaped the server sends ``{"exit": code}`` (a
   negative code is the signal that killed it) on the same connection.
+- A request may name the ``module`` whose ``main(argv)`` the child runs (default:
+  the step worker), and may be ``detached``: then the server closes the connection
+  after the reply and the child outlives its requester (a Dagster run worker, which
+  the run launcher that asked for it does not wait on; see
+  ``lab_assets.orchestration.run_launcher``).
 - The connection stays open for the step's life. When the requester closes it or
   dies, the child ends its process group (``fork_child``), and once both the child
   is reaped and the requester is gone the server deletes the step's scratch dir
@@ -212,12 +217,16 @@ class Server:
         os.close(out_fd)
         job = Job(conn, pid, request.get("scratch"), bool(request.get("keep_scratch")))
         self.jobs[pid] = job
-        self.sel.register(conn, selectors.EVENT_READ, job)
         log(f"forked worker {pid} for {request.get('label', '?')}")
         try:
             send_message(conn, {"pid": pid})
         except OSError:
             pass  # the requester is gone: its end is closed, which the child notices too
+        if request.get("detached"):
+            job.requester_gone = True  # nobody waits on it: it is reaped, nothing more
+            conn.close()
+        else:
+            self.sel.register(conn, selectors.EVENT_READ, job)
 
     def _requester_event(self, job: Job) -> None:
         try:

@@ -47,6 +47,15 @@ DEFAULT_PRELOAD = (
     "peft",
     "trl",
     "datasets",
+    # what a run worker and the lab's own code use beside them
+    "dagster._cli.api",
+    "dagster._core.execution.api",
+    "pandas",
+    "pyarrow.parquet",
+    "sklearn.ensemble",
+    "sklearn.model_selection",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
 )
 # read by the preloaded libraries when imported, so a server is only right for its own values
 _KEY_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "DATASETS_", "TORCH", "PYTORCH", "PYTHON", "XDG_CACHE")
@@ -238,6 +247,22 @@ def request_worker(
         raise WarmServerUnavailable(f"the warm worker server refused: {reply.get('error')}")
     server_pid = fork_server.peer_credentials(sock)[0]
     return sock, int(reply["pid"]), server_pid
+
+
+def start_detached(
+    python: str, preload: tuple[str, ...], idle_timeout_s: float, request: dict, out_fd: int
+) -> tuple[int, int]:
+    """Have this key's server fork a worker that outlives this call (``detached``):
+    the worker's and the server's pids. Its output goes to `out_fd` (a log file)."""
+    _, sock, reply = _with_server(
+        python, preload, idle_timeout_s, {**request, "op": "run", "detached": True}, (out_fd,)
+    )
+    try:
+        if "pid" not in reply:
+            raise WarmServerUnavailable(f"the warm worker server refused: {reply.get('error')}")
+        return int(reply["pid"]), fork_server.peer_credentials(sock)[0]
+    finally:
+        sock.close()
 
 
 def stop_servers(directory: Path, timeout_s: float = 60.0) -> list[int]:
