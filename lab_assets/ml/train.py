@@ -70,14 +70,25 @@ class TrainResult:
 
 
 class _LossLogger(TrainerCallback):
-    """Forwards each logged training loss to ``log`` (the trainers' tqdm bars are off)."""
+    """Forwards logged training losses to ``log`` (the trainers' tqdm bars are off): the
+    first and last step, and otherwise at most one line per ``min_interval_s``, since
+    each line becomes an event in the run's log."""
 
-    def __init__(self, log: Callable[[str], None], method: str) -> None:
+    def __init__(
+        self, log: Callable[[str], None], method: str, min_interval_s: float = 1.0
+    ) -> None:
         self._log = log
         self._method = method
+        self._min_interval_s = min_interval_s
+        self._last = -float("inf")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+        if not logs or "loss" not in logs:
+            return
+        now = time.monotonic()
+        edge = state.global_step in (1, state.max_steps)
+        if edge or now - self._last >= self._min_interval_s:
+            self._last = now
             self._log(
                 f"{self._method} step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
             )

@@ -134,12 +134,12 @@ class LocalProcessStepLauncher(StepLauncher):
                     ended = ended or is_terminal(entry)
                     if entry.is_dagster_event:
                         yield entry.get_dagster_event()
-                _relay_lines(step_context, worker, recent)
+                _relay_lines(worker, recent)
                 if exited:
                     break
                 time.sleep(self.poll_interval_s)
             worker.join_output()
-            _relay_lines(step_context, worker, recent)
+            _relay_lines(worker, recent)
         if not ended:
             code = worker.poll()
             raise StepWorkerError(
@@ -207,7 +207,6 @@ class LocalProcessStepLauncher(StepLauncher):
 
 
 def _relay_lines(
-    step_context: StepExecutionContext,
     worker: ColdWorker | WarmWorker,
     recent: collections.deque[str],
 ) -> None:
@@ -217,7 +216,9 @@ def _relay_lines(
         except queue.Empty:
             return
         recent.append(line)
-        step_context.log.debug(f"[worker] {line}")
+        # to this process's stderr, which Dagster captures as the step's log: the worker's
+        # events already reach the event log, and its console echo of them would double it
+        print(f"[worker] {line}", file=sys.stderr, flush=True)
 
 
 class LocalStepLauncher(ConfigurableResourceFactory[StepLauncher]):
