@@ -1,7 +1,7 @@
 """The experiment's asset graph, built from one experiment file.
 
     base_model[model] ─► base_spectrum[model] ──────────────┐
-          │                                                 ▼
+          │                    ┆ (order only)                 ▼
           └──────────► adapter[model × run] ─► spectral_features[model × run] ─► classification_results
 
 Every asset writes real files into a scratch directory and returns it; the IO
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 from dagster import (
+    AssetDep,
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
@@ -163,10 +164,18 @@ def _adapter_asset(
         code_version=CODE_VERSIONS[ADAPTER],
         check_specs=manifest_check_specs(ADAPTER),
         ins={BASE_MODEL: AssetIn(partition_mapping=by_model)},
+        # Order only (nothing is read from it, and it is not in the adapter's recipe): a
+        # backfill requests an adapter once its model's spectrum exists too, so each
+        # adapter and its spectral features go in one run instead of two.
+        deps=[AssetDep(BASE_SPECTRUM, partition_mapping=by_model)],
         required_resource_keys={"step_launcher", "lab_storage"},
         pool=pool_for(exp),
         kinds={"pytorch"},
-        description="One LoRA training run (lora_sft or dpo) in PEFT layout.",
+        description=(
+            "One LoRA training run (lora_sft or dpo) in PEFT layout. Waits for its model's "
+            "`base_spectrum` only so that a backfill trains it and measures its spectrum "
+            "in one run; nothing of the spectrum enters training or the adapter's recipe."
+        ),
     )
     def adapter(context: AssetExecutionContext, base_model: Path):
         from lab_assets.ml.train import TrainSpec, train_adapter

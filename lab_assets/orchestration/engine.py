@@ -79,6 +79,9 @@ def run_backfill(
 ) -> BackfillResult:
     """Backfill exactly `targets` through the daemon; returns when it has ended or was canceled."""
     set_pool_limits(instance, exp)
+    warm_up = getattr(instance.run_launcher, "warm_up", None)
+    if callable(warm_up):
+        warm_up()  # the lab's run launcher: its warm server starts while the daemon does
     # (not under $DAGSTER_HOME/logs: the daemon empties that folder when it starts)
     log = Path(instance.root_directory) / "lab" / "daemon.log"
     t0 = time.perf_counter()

@@ -24,12 +24,14 @@ the instance exactly as Dagster's own worker does; only its start is cheaper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,28 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             f"Run worker started ({how}, pid {pid}); its output: {log_path}", run
         )
 
+    def warm_up(self) -> threading.Thread | None:
+        """Start the warm worker server in the background (a first run need not wait for
+        its imports); None where no warm server is used."""
+        if not self._warm_enabled():
+            return None
+        from resources.compute.local import warm_server
+
+        def start() -> None:
+            with contextlib.suppress(warm_server.WarmServerUnavailable, OSError):
+                warm_server.ensure_server(
+                    sys.executable, warm_server.DEFAULT_PRELOAD, self.idle_timeout_s
+                )
+
+        thread = threading.Thread(target=start, name="lab-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm_enabled(self) -> bool:
+        return self.warm and sys.platform.startswith("linux")
+
     def _start(self, run: DagsterRun, args: str, out_fd: int) -> tuple[int, str]:
-        if self.warm and sys.platform.startswith("linux"):
+        if self._warm_enabled():
             from resources.compute.local import warm_server
 
             request = {

@@ -107,6 +107,8 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
         self.stockouts: dict[str, Stockout] = {}
         self.calls: list[tuple[str, str]] = []  # (method, path) of every API call
         self.inserted: list[dict] = []  # every instance body inserted successfully
+        # (time, +1 inserted / -1 gone, instance body) in order: who was alive when
+        self.history: list[tuple[float, int, dict]] = []
         self.lock = threading.RLock()
         self.on_boot: list[Callable[[FakeInstance], None]] = []
         self._tmp = Path(tempfile.mkdtemp(prefix="fake-gce-"))
@@ -194,6 +196,20 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
     def live(self) -> list[FakeInstance]:
         with self.lock:
             return list(self.instances.values())
+
+    def peak_alive(self, where: Callable[[dict], bool] = lambda body: True) -> int:
+        """The most instances (of those whose body passes `where`) that existed at once.
+
+        Exact, from `history`: an instance counts from its insert until it is gone
+        (deleted, or preempted / stopped by ``maxRunDuration`` with DELETE), STOPPING
+        included."""
+        alive = peak = 0
+        with self.lock:
+            for _, change, body in self.history:
+                if where(body):
+                    alive += change
+                    peak = max(peak, alive)
+        return peak
 
     def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
         deadline = time.time() + timeout
@@ -377,6 +393,7 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
             inst = FakeInstance(project, zone, full)
             self.instances[(project, zone, name)] = inst
             self.inserted.append(full)
+            self.history.append((time.time(), +1, full))
             for d in full.get("disks", []):
                 dname = (d.get("initializeParams") or {}).get("diskName") or name
                 if d.get("boot"):

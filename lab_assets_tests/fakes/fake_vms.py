@@ -37,6 +37,7 @@ class VmLifecycle:
     python: str
     instances: dict[tuple[str, str, str], FakeInstance]
     deleted: list[dict]
+    history: list[tuple[float, int, dict]]
     operations: dict[str, Operation]
     disks: dict[tuple[str, str, str], dict]
     lock: threading.RLock
@@ -170,6 +171,7 @@ class VmLifecycle:
             if self.instances.pop((inst.project, inst.zone, inst.name), None) is None:
                 return
             self.deleted.append(inst.to_json())
+            self.history.append((time.time(), -1, inst.body))
             for d in inst.body.get("disks", []):
                 if d.get("boot") and d.get("autoDelete", True):
                     dname = (d.get("initializeParams") or {}).get("diskName") or inst.name
