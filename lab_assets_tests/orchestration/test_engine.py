@@ -5,6 +5,7 @@ The session fixture `small_lab` ran `lab materialize` exactly as a researcher do
 instance. The Ctrl-C test starts its own `lab materialize` and interrupts it.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.execution.backfill import BulkActionStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 
+from lab_assets.names import RUN_WORKER_TAG
 from lab_assets.orchestration.daemon import daemon_serves
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
 
@@ -57,11 +59,26 @@ def test_runs_overlap_in_time(small_lab):
     assert overlaps >= 1, spans
 
 
-def _lab_workers(scratch: str) -> list[psutil.Process]:
-    """Live processes of this test's lab: runs, workers and daemons (by their environment).
+def _forked_workers() -> list[psutil.Process]:
+    """Live run and step workers forked by a warm worker server (the server's children).
 
-    The warm worker server is not one of them: it is shared, and exits when idle."""
+    Their /proc environ is the server's, so they are found by parentage, not by env."""
     out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if "resources.remote.fork_server" in " ".join(p.cmdline()):
+                out += [c for c in p.children() if c.status() != psutil.STATUS_ZOMBIE]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _lab_workers(scratch: str) -> list[psutil.Process]:
+    """Live processes of this test's lab: daemons, cold runs and workers (by their
+    environment) and every forked run or step worker (tests run one lab at a time).
+
+    The warm worker server itself is not one of them: it is shared, and exits when idle."""
+    out = _forked_workers()
     for p in psutil.process_iter(["pid"]):
         try:
             if (
@@ -177,3 +194,63 @@ def test_the_daemon_lab_started_dies_with_lab_even_on_sigkill(tmp_path):
             proc.kill()
         for p in daemons():
             p.kill()
+
+
+def _messages(instance, run_id: str) -> list[str]:
+    """Each event's text: a user message, or an engine event's own message."""
+    out = []
+    for e in instance.all_logs(run_id):
+        event = e.dagster_event
+        out.append((event.message if event else None) or e.user_message or "")
+    return out
+
+
+def test_every_run_worker_was_forked_warm(small_lab):
+    """The lab's run launcher started each run's worker from the warm worker server."""
+    with _instance(small_lab["env"]), DagsterInstance.get() as instance:
+        backfill_id = instance.get_backfills()[0].backfill_id
+        runs = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        assert runs
+        for run in runs:
+            worker = json.loads(run.tags[RUN_WORKER_TAG])
+            assert worker["pid"] > 0 and worker["start"]
+            started = [m for m in _messages(instance, run.run_id) if "Run worker started" in m]
+            assert len(started) == 1 and "forked by the warm worker server" in started[0]
+
+
+def test_a_run_whose_worker_is_killed_is_marked_failed_not_left_started(tmp_path):
+    """SIGKILL a running adapter's run worker: the daemon's run monitoring asks the
+    launcher, finds the worker gone, and fails the run; `lab` reports the failure."""
+    proc, env = _start_lab_materialize(tmp_path, capture=True)
+    try:
+        with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}):
+            deadline = time.monotonic() + 600
+            victim = None
+            log = tmp_path / "home" / "lab" / "daemon.log"
+            while victim is None and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.5)
+                if not log.exists() or "daemons" not in log.read_text(errors="replace"):
+                    continue
+                with DagsterInstance.get() as instance:
+                    started = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+                    victim = next(
+                        (r for r in started if "|" in r.tags.get("dagster/partition", "")), None
+                    )
+            assert victim is not None, "no adapter run started in time"
+            os.kill(json.loads(victim.tags[RUN_WORKER_TAG])["pid"], signal.SIGKILL)
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode != 0
+            with DagsterInstance.get() as instance:
+                run = instance.get_run_by_id(victim.run_id)
+                assert run.status == DagsterRunStatus.FAILURE
+                messages = _messages(instance, run.run_id)
+                assert any("run worker" in m and "is gone" in m for m in messages), messages[-5:]
+                stuck = instance.get_runs(
+                    RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING])
+                )
+                assert stuck == []
+            assert "failed" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

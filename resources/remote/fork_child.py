@@ -44,6 +44,7 @@ def become_worker(
         sys.path[:] = [request["cwd"], *base_path]
         module = request.get("module") or DEFAULT_MODULE
         sys.argv = [module, *request["argv"]]
+        _name_process("lab-step-worker" if module == DEFAULT_MODULE else "lab-run-worker")
         if request.get("detached"):
             conn.close()  # nobody waits on a detached worker: it lives until it is done
         else:
@@ -85,6 +86,15 @@ def _detach(close_fds: list[int], out_fd: int) -> None:
             stream.reconfigure(line_buffering=True)
         except (AttributeError, ValueError):
             pass
+
+
+def _name_process(name: str) -> None:
+    """What `ps`/`top` show for this fork (its cmdline stays the server's)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 def _die_with_requester(conn: socket.socket) -> None:
