@@ -133,3 +133,33 @@ def test_unusable_socket_dir_falls_back_to_a_cold_subprocess(
     assert _worker_ppid(msgs) == os.getpid()
     assert "exited with code 3 before the step ended" in err.to_string()
     assert scratch_leftovers(lab_env["scratch"]) == []
+
+
+def test_a_detached_worker_outlives_its_request_and_runs_the_named_module(
+    light_server_dir, tmp_path
+):
+    """What the run launcher relies on: the named module's `main` runs in the fork, with
+    the request's cwd and environment, output to the passed fd, after the requester is gone."""
+    pid_file, release, log = tmp_path / "pid", tmp_path / "release", tmp_path / "out.log"
+    request = {
+        "module": "lab_assets_tests.resources.compute.detached_probe",
+        "argv": [str(pid_file), str(release)],
+        "cwd": str(TESTS_DIR.parent),
+        "env": {**os.environ, "LAB_PROBE": "yes"},
+        "label": "probe",
+    }
+    with open(log, "ab") as out:
+        pid, server = warm_server.start_detached(
+            sys.executable, ("dagster",), 60, request, out.fileno()
+        )
+    assert server != os.getpid() and pid != server
+    _wait_for(pid_file.exists, "the probe to start")
+    assert int(pid_file.read_text()) == pid
+    assert proc_alive(pid)  # the request's connection is closed; the worker lives on
+    release.touch()
+    _wait_for(lambda: not proc_alive(pid), "the probe to exit and be reaped")
+    assert f"probe done in {TESTS_DIR.parent} with LAB_PROBE=yes" in log.read_text()
+    assert (
+        f"worker {pid} exited with code 7"
+        in (light_server_dir / next(p.name for p in light_server_dir.glob("*.log"))).read_text()
+    )
