@@ -1,0 +1,16 @@
+"""The instance settings the engine needs are the same wherever a dagster.yaml comes from."""
+
+import yaml
+
+from lab_assets.orchestration.instance import DAGSTER_YAML
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT
+
+ENGINE_KEYS = ("run_queue", "concurrency", "run_launcher", "run_monitoring")
+
+
+def test_the_gcs_example_keeps_the_lab_engine_settings():
+    written = yaml.safe_load(DAGSTER_YAML)
+    example = yaml.safe_load((REPO_ROOT / "dagster.gcs.example.yaml").read_text())
+    for key in ENGINE_KEYS:
+        assert example.get(key) == written[key], key
+    assert written["run_launcher"]["class"] == "WarmRunLauncher"
