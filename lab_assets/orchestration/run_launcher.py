@@ -100,7 +100,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         log_path = self._log_path(run.run_id)
         with open(log_path, "ab") as log:
             pid, how = self._start(run, args, log.fileno())
-        worker = {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+        worker = {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid)}
         self._instance.add_run_tags(run.run_id, {RUN_WORKER_TAG: json.dumps(worker)})
         self._instance.report_engine_event(
             f"Run worker started ({how}, pid {pid}); its output: {log_path}", run
@@ -189,7 +189,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             except PermissionError:
                 return True
             return True
-        return _start_time(pid) == worker.get("start") and not _zombie(pid)
+        return process_start_time(pid) == worker.get("start") and not _zombie(pid)
 
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id)
@@ -234,7 +234,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (tells a reused pid apart)."""
     fields = _stat_fields(pid)
     return fields[19] if fields and len(fields) > 19 else None

@@ -5,6 +5,7 @@ The session fixture `small_lab` ran `lab materialize` exactly as a researcher do
 instance. The Ctrl-C test starts its own `lab materialize` and interrupts it.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from lab_assets.names import RUN_WORKER_TAG
 from lab_assets.orchestration.daemon import daemon_serves
+from lab_assets.orchestration.run_launcher import process_start_time
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
 
 
@@ -114,26 +116,32 @@ def _start_lab_materialize(tmp_path, capture: bool) -> tuple[subprocess.Popen, d
     return proc, env
 
 
+def _started_adapter_run(proc: subprocess.Popen, tmp_path):
+    """Wait (under $DAGSTER_HOME) until an adapter's run is STARTED; that run."""
+    deadline = time.monotonic() + 600
+    log = tmp_path / "home" / "lab" / "daemon.log"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+        # Open the instance only once `lab` and its daemon have set it up: two
+        # processes creating a new SQLite instance at once would race.
+        if not log.exists() or "daemons" not in log.read_text(errors="replace"):
+            continue
+        with DagsterInstance.get() as instance:
+            started = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+            adapters = [r for r in started if "|" in r.tags.get("dagster/partition", "")]
+            # (the launcher tags the run with its worker just after the fork)
+            run = next((r for r in adapters if RUN_WORKER_TAG in r.tags), None)
+        if run is not None:
+            return run
+    raise AssertionError("no adapter run started in time")
+
+
 def test_ctrl_c_cancels_the_backfill_and_leaves_nothing_running(tmp_path):
     proc, env = _start_lab_materialize(tmp_path, capture=True)
     try:
         with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}):
-            deadline = time.monotonic() + 600
-            adapter_started = False
-            log = tmp_path / "home" / "lab" / "daemon.log"
-            while not adapter_started and time.monotonic() < deadline:
-                assert proc.poll() is None, proc.communicate()
-                time.sleep(1)
-                # Open the instance only once `lab` and its daemon have set it up: two
-                # processes creating a new SQLite instance at once would race.
-                if not log.exists() or "daemons" not in log.read_text(errors="replace"):
-                    continue
-                with DagsterInstance.get() as instance:
-                    adapter_started = any(
-                        "|" in r.tags.get("dagster/partition", "")
-                        for r in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
-                    )
-            assert adapter_started, "no adapter run started in time"
+            _started_adapter_run(proc, tmp_path)
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=600)
             assert proc.returncode == 130, err[-3000:]
@@ -218,27 +226,32 @@ def test_every_run_worker_was_forked_warm(small_lab):
             assert len(started) == 1 and "forked by the warm worker server" in started[0]
 
 
+def _wait_until_ended(run_id: str):
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with DagsterInstance.get() as instance:
+            run = instance.get_run_by_id(run_id)
+        if run.is_finished:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not end: {run.status}")
+
+
 def test_a_run_whose_worker_is_killed_is_marked_failed_not_left_started(tmp_path):
     """SIGKILL a running adapter's run worker: the daemon's run monitoring asks the
     launcher, finds the worker gone, and fails the run; `lab` reports the failure."""
     proc, env = _start_lab_materialize(tmp_path, capture=True)
     try:
         with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}):
-            deadline = time.monotonic() + 600
-            victim = None
-            log = tmp_path / "home" / "lab" / "daemon.log"
-            while victim is None and time.monotonic() < deadline:
-                assert proc.poll() is None, proc.communicate()
-                time.sleep(0.5)
-                if not log.exists() or "daemons" not in log.read_text(errors="replace"):
-                    continue
-                with DagsterInstance.get() as instance:
-                    started = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
-                    victim = next(
-                        (r for r in started if "|" in r.tags.get("dagster/partition", "")), None
-                    )
-            assert victim is not None, "no adapter run started in time"
-            os.kill(json.loads(victim.tags[RUN_WORKER_TAG])["pid"], signal.SIGKILL)
+            for _ in range(5):  # a run may end on its own just before the kill: take another
+                victim = _started_adapter_run(proc, tmp_path)
+                worker = json.loads(victim.tags[RUN_WORKER_TAG])
+                if process_start_time(worker["pid"]) == worker["start"]:  # not a reused pid
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker["pid"], signal.SIGKILL)
+                run = _wait_until_ended(victim.run_id)
+                if run.status != DagsterRunStatus.SUCCESS:
+                    break
             out, err = proc.communicate(timeout=600)
             assert proc.returncode != 0
             with DagsterInstance.get() as instance:
