@@ -194,10 +194,15 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id)
         if not run or run.is_finished:
-            return False
-        self._instance.report_run_canceling(run)
+            return False  # (lab and the daemon may both ask: the second finds it canceled)
         worker = self._worker(run)
-        if worker is None or worker.get("host") != socket.gethostname() or not self._alive(worker):
+        if worker is None:
+            # Never launched (a queued run another canceller got to first, or a launch that
+            # failed): nothing to signal, and nothing will report the cancellation.
+            self._instance.report_run_canceled(run, "canceled before a run worker started")
+            return True
+        self._instance.report_run_canceling(run)
+        if worker.get("host") != socket.gethostname() or not self._alive(worker):
             self._instance.report_engine_event(
                 "No live run worker to send the termination request to.", run, cls=self.__class__
             )

@@ -150,6 +150,7 @@ def cancel_backfill(
     quiet = 0  # polls in a row with nothing in progress: the daemon may still be submitting
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and quiet < 3:
+        _keep_canceling(instance, backfill_id)
         active = [r for r in backfill_runs(instance, backfill_id) if r.status in IN_PROGRESS]
         quiet = 0 if active else quiet + 1
         for run in active:
@@ -167,9 +168,20 @@ def cancel_backfill(
         if run.status in IN_PROGRESS and run.status != DagsterRunStatus.STARTED:
             instance.report_run_canceled(run, message="lab: canceled; no process answered")
     backfill = instance.get_backfill(backfill_id)
-    if backfill.status not in DONE_STATUSES:
+    # COMPLETED_FAILED too: the daemon's own end for a backfill whose runs were canceled
+    # when it lost our CANCELING (below); only one that succeeded first is left as it is.
+    if backfill.status not in DONE_STATUSES or backfill.status == BulkActionStatus.COMPLETED_FAILED:
         instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
     return len(canceled), len(terminated - canceled)
+
+
+def _keep_canceling(instance: DagsterInstance, backfill_id: str) -> None:
+    """Write CANCELING again if the daemon wrote it over: its backfill iteration (Dagster
+    1.13) reads the backfill, checks it is still REQUESTED and writes the whole object
+    back, so a CANCELING written in between is lost and it would go on submitting runs."""
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is not None and backfill.status == BulkActionStatus.REQUESTED:
+        instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
 
 
 def _request_termination(instance: DagsterInstance, run: DagsterRun) -> None:

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.context.system import StepExecutionContext
+from dagster._utils.interrupts import capture_interrupts
 
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.costs import CostLedger, PriceMissing, check_budget
+from resources.compute.gce.errors import GceApiError
 from resources.compute.gce.follow import ENDED, VmFollower
 from resources.compute.gce.gcs import Gcs
 from resources.compute.gce.placement import Placement, create_with_failover
@@ -152,7 +154,15 @@ class StepAttempts:
             partition=self.partition,
             launch_info=self._launch_info(p, name, price),
         )
-        self.api.insert_instance(p.zone, vmbody.build_instance(spec))
+        try:
+            self.api.insert_instance(p.zone, vmbody.build_instance(spec))
+        except GceApiError as e:
+            if e.code == "TIMEOUT":  # the insert may still complete: do not leak it
+                self._delete_unfinished(p.zone, name)
+            raise  # otherwise GCE answered: no VM (stockout, quota, bad request)
+        except BaseException:  # interrupted mid-insert (Ctrl-C, terminate): it may exist
+            self._delete_unfinished(p.zone, name)
+            raise
         if price is None:
             return None
         try:
@@ -168,6 +178,16 @@ class StepAttempts:
             self.api.delete_instance(p.zone, name)  # not tracked yet: do not leak it
             raise
         return price
+
+    def _delete_unfinished(self, zone: str, name: str) -> None:
+        """Delete a VM whose insert did not finish (it may or may not exist); never raises,
+        and a second interrupt cannot break it off."""
+        with capture_interrupts():
+            try:
+                if self.api.delete_instance(zone, name, wait=False):
+                    self.log.warning(f"VM {name}: insert interrupted; deleted what it created")
+            except Exception as e:  # noqa: BLE001 - the reaper sweeps what this misses
+                self.log.warning(f"VM {name}: insert interrupted and delete failed ({e})")
 
     def _launch_info(self, p: Placement, name: str, price: float | None) -> dict[str, Any]:
         """What the step, on the VM, is told about the VM (``resources.remote.launch_info``)."""
@@ -187,8 +207,14 @@ class StepAttempts:
 
     def _end_vm(self, vm: Vm) -> None:
         """Delete the VM (unless ``keep_vm``) and settle its cost in the ledger."""
-        s = self.settings
         vm.ended_at = time.time()
+        # A cancel may come twice (lab and the daemon both terminate a run): the second
+        # must not break off the delete of the VM or the settling of its cost.
+        with capture_interrupts():
+            self._delete_and_settle(vm)
+
+    def _delete_and_settle(self, vm: Vm) -> None:
+        s = self.settings
         try:
             if s.keep_vm:
                 self.log.warning(
