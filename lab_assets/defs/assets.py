@@ -186,7 +186,12 @@ def _adapter_asset(
         context.log.info(f"training {run_id} on {model_id}: {spec}")
         with output_dir(ADAPTER) as out:
             result = train_adapter(
-                base_model, out, spec, log=context.log.info, **preemptible_training()
+                base_model,
+                out,
+                spec,
+                log=context.log.info,
+                log_every_s=1.0,  # each line is an event in the run's log
+                **preemptible_training(),
             )
         curve = [float(x) for x in result.loss_curve]
         meta = {

@@ -71,11 +71,11 @@ class TrainResult:
 
 class _LossLogger(TrainerCallback):
     """Forwards logged training losses to ``log`` (the trainers' tqdm bars are off): the
-    first and last step, and otherwise at most one line per ``min_interval_s``, since
-    each line becomes an event in the run's log."""
+    first and last step, and otherwise at most one line per ``min_interval_s`` (where
+    each line becomes an event in a run's log, a step per event would swamp it)."""
 
     def __init__(
-        self, log: Callable[[str], None], method: str, min_interval_s: float = 1.0
+        self, log: Callable[[str], None], method: str, min_interval_s: float = 0.0
     ) -> None:
         self._log = log
         self._method = method
@@ -180,6 +180,7 @@ def train_adapter(
     checkpoint_every: int = 10,
     cpu_threads: int | None = 1,
     extra_callbacks: Sequence[TrainerCallback] = (),
+    log_every_s: float = 0.0,
 ) -> TrainResult:
     """Train one LoRA adapter per ``spec`` on the model in ``base_model_dir``; save it to ``out_dir``.
 
@@ -196,7 +197,8 @@ def train_adapter(
     multi-threaded torch runs 10-30x slower.
 
     ``extra_callbacks`` are added to the Trainer's (e.g. the GCE launcher's
-    checkpoint-on-preemption callback).
+    checkpoint-on-preemption callback). ``log`` gets every step's loss, or with
+    ``log_every_s`` the first and last and at most one per that many seconds.
     """
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
@@ -230,7 +232,7 @@ def train_adapter(
         stack.enter_context(_quiet())
         if device == "cpu" and cpu_threads is not None:
             stack.enter_context(torch_cpu_threads(cpu_threads))
-        callbacks = [_LossLogger(log, spec.method), *extra_callbacks]
+        callbacks = [_LossLogger(log, spec.method, log_every_s), *extra_callbacks]
         trainer = _make_trainer(base_model_dir, spec, data, args, precision, callbacks)
         if resume is not None:
             log(f"resuming from {resume}")

@@ -319,3 +319,11 @@ def test_checkpoint_resume_after_a_crash_and_with_more_steps(base_dir, tmp_path)
     assert extended.steps == 8
     assert extended.loss_curve[:6] == uninterrupted.loss_curve
     assert len(extended.loss_curve) == 8
+
+
+def test_log_every_s_keeps_the_first_and_last_loss_lines(base_dir, tmp_path):
+    lines: list[str] = []
+    spec = TrainSpec(method="lora_sft", task="arith", seed=0, steps=5)
+    train_adapter(base_dir, tmp_path / "a", spec, lines.append, log_every_s=3600)
+    steps = [m.split()[2] for m in lines if " step " in m and "loss" in m]
+    assert steps == ["1/5", "5/5"]

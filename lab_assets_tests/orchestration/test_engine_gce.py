@@ -238,3 +238,67 @@ def test_ctrl_c_while_a_vm_is_being_created_deletes_it(gce, tmp_path):
         for i in gce.live():  # leave no VM of this test to the next
             if i.name in {b["name"] for b in _ours(gce, since)}:
                 gce._delete(i)
+
+
+def test_a_backfill_launched_as_the_ui_does_keeps_to_the_quota_too(gce, tmp_path):
+    """No `lab` involved: a daemon serves the instance (as under `dagster dev`) and a
+    backfill of every partition is written to the instance, as the UI's "Materialize
+    all" does. The `gpu` pool's limit must come from the definitions loading alone."""
+    from lab_assets.orchestration.backfill import every_partition, submit_backfill
+    from lab_assets.orchestration.instance import DAGSTER_YAML
+    from lab_assets.orchestration.watch import DONE_STATUSES
+
+    exp = load_experiment(EXPERIMENT)
+    since = len(gce.history)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    env = {
+        **os.environ,
+        "LAB_STORAGE_ROOT": f"gs://{BUCKET}/engine-{uuid.uuid4().hex[:12]}",
+        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
+        "LAB_EXPERIMENT": str(EXPERIMENT),
+        "DAGSTER_HOME": str(home),
+    }
+    (tmp_path / "scratch").mkdir()
+    with patched_env(env), DagsterInstance.get():
+        pass  # the instance's storage exists before the daemon opens it (no creation race)
+    with open(tmp_path / "daemon.log", "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "lab_assets.orchestration.daemon_main"]
+            + ["-m", "lab_assets.definitions"],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        with patched_env(env), DagsterInstance.get() as instance:
+            deadline = time.monotonic() + 300
+            # the daemon's code server loaded the definitions: they set the limit
+            while instance.event_log_storage.get_concurrency_info("gpu").slot_count != QUOTA:
+                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the gpu pool limit was never set"
+                time.sleep(0.5)
+            backfill_id = submit_backfill(instance, exp, every_partition(exp), "as the UI")
+            deadline = time.monotonic() + 600
+            while instance.get_backfill(backfill_id).status not in DONE_STATUSES:
+                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the backfill did not end in time"
+                time.sleep(1)
+            assert instance.get_backfill(backfill_id).status == BulkActionStatus.COMPLETED_SUCCESS
+            runs = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+            run_labels = {
+                label_value(r.run_id)
+                for r in runs
+                if ADAPTER in [k.to_user_string() for k in r.asset_selection or []]
+            }
+    finally:
+        _kill(daemon)
+    assert len(run_labels) == len(exp.runs)
+    names = {b["name"] for b in _ours(gce, since) if b["labels"]["run"] in run_labels}
+    assert len(names) == len(exp.runs)
+    peak = gce.peak_alive(lambda body: body["name"] in names)
+    assert peak == QUOTA, f"{peak} VMs alive at once (quota {QUOTA})"
