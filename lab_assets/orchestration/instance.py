@@ -15,6 +15,7 @@ and whenever `lab` submits work.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from dagster import DagsterInstance
@@ -84,17 +85,24 @@ def set_pool_limits(instance: DagsterInstance, exp: Experiment) -> None:
         storage.set_concurrency_slots(pool, limit)
 
 
-def apply_pool_limits(exp: Experiment) -> None:
+def apply_pool_limits(exp: Experiment, attempts: int = 5, retry_s: float = 1.0) -> None:
     """When definitions load under a `$DAGSTER_HOME` (dagster dev, the daemon, a run): set limits.
 
     So a backfill launched from the UI respects the quota too, whoever started Dagster.
     """
     if not os.environ.get("DAGSTER_HOME"):
         return
-    try:
-        with DagsterInstance.get() as instance:
-            set_pool_limits(instance, exp)
-    except Exception as e:  # a read-only or unreachable instance must not stop the code location
-        import warnings
+    for attempt in range(1, attempts + 1):
+        try:
+            with DagsterInstance.get() as instance:
+                set_pool_limits(instance, exp)
+            return
+        except Exception as e:  # read-only or unreachable: must not stop the code location
+            # `dagster dev` on a new $DAGSTER_HOME: its processes create the SQLite
+            # storage at once, and one of them loses that race; a moment later it works.
+            if attempt == attempts:
+                import warnings
 
-        warnings.warn(f"lab: could not set pool limits on $DAGSTER_HOME: {e}", stacklevel=2)
+                warnings.warn(f"lab: could not set pool limits on $DAGSTER_HOME: {e}", stacklevel=2)
+            else:
+                time.sleep(retry_s)
