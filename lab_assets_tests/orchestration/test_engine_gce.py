@@ -20,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.execution.backfill import BulkActionStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
@@ -100,16 +101,23 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_a_gce_backfill_runs_as_many_vms_at_once_as_the_quota_and_no_more(gce, tmp_path):
-    exp = load_experiment(EXPERIMENT)
-    assert exp.file.sweep.max_gpu_in_flight == QUOTA and len(exp.runs) == 4
-    since = len(gce.history)
-    proc, env, out = _start_lab_materialize(tmp_path)
+@pytest.fixture(scope="module")
+def materialized(fake_gce, tmp_path_factory) -> dict:
+    """`lab materialize` of the GCE experiment, once for the tests that read what it left."""
+    fake_gce.clear_stockouts()
+    since = len(fake_gce.history)
+    proc, env, out = _start_lab_materialize(tmp_path_factory.mktemp("gce-materialize"))
     try:
         rc = proc.wait(timeout=600)
     finally:
         _kill(proc)
-    text = out.read_text(errors="replace")
+    return {"rc": rc, "env": env, "text": out.read_text(errors="replace"), "since": since}
+
+
+def test_a_gce_backfill_runs_as_many_vms_at_once_as_the_quota_and_no_more(materialized, gce):
+    exp = load_experiment(EXPERIMENT)
+    assert exp.file.sweep.max_gpu_in_flight == QUOTA and len(exp.runs) == 4
+    rc, env, text, since = (materialized[k] for k in ("rc", "env", "text", "since"))
     assert rc == 0, text[-5000:]
 
     with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}), DagsterInstance.get() as instance:
@@ -139,6 +147,36 @@ def test_a_gce_backfill_runs_as_many_vms_at_once_as_the_quota_and_no_more(gce, t
     peak = gce.peak_alive(lambda body: body["name"] in names)
     assert peak == QUOTA, f"{peak} VMs alive at once (quota {QUOTA})"
     assert not [i.name for i in gce.live() if i.name in names]  # all deleted
+
+
+def test_lab_launch_rebuilds_one_partition_on_a_vm_in_the_zone_asked(materialized, gce):
+    """`lab launch` (not a dry run): one partition, as a one-partition backfill, with the
+    command line's override (`--zone`) reaching the VM."""
+    assert materialized["rc"] == 0, materialized["text"][-3000:]
+    exp = load_experiment(EXPERIMENT)
+    key = f"{exp.model_ids[0]}|{exp.run_ids[0]}"
+    env, since = materialized["env"], len(gce.history)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lab_assets.cli", "launch", "--experiment", str(EXPERIMENT)]
+        + ["--asset", ADAPTER, "--partition", key, "--zone", "us-central1-b"],
+        env=env,
+        cwd=Path(env["DAGSTER_HOME"]).parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    vms = _ours(gce, since)
+    assert len(vms) == 1, [b["name"] for b in vms]
+    assert vms[0]["machineType"].startswith("zones/us-central1-b/")
+    assert vms[0]["name"] not in {i.name for i in gce.live()}  # deleted
+    with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}), DagsterInstance.get() as instance:
+        (launch,) = [b for b in instance.get_backfills() if b.title.startswith("lab launch")]
+        assert launch.title == f"lab launch: {ADAPTER}[{key}]"
+        assert launch.status == BulkActionStatus.COMPLETED_SUCCESS
+        (run,) = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: launch.backfill_id}))
+        assert run.status == DagsterRunStatus.SUCCESS and run.tags[PARTITION_NAME_TAG] == key
+        assert label_value(run.run_id) == vms[0]["labels"]["run"]
 
 
 def _launched(instance, fake, since: int) -> list:
