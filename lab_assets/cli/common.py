@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from lab_assets.experiment.schema import ExperimentError
+
+if TYPE_CHECKING:
+    from lab_assets.experiment.resolved import Experiment
 
 # A command module's `register(subparsers)`: adds its commands to the `lab` tree.
 Register = Callable[[argparse._SubParsersAction], None]
@@ -54,10 +58,28 @@ def build_tree(description: str, registers: Sequence[Register]) -> argparse.Argu
     return parser
 
 
+class PreflightError(RuntimeError):
+    """A check made before any compute failed (the storage root is not writable)."""
+
+
+def check_storage(exp: Experiment) -> str:
+    """The storage preflight of every command that computes: a probe is written to and
+    deleted from the experiment's storage root (``resources.storage.preflight``), so an
+    unwritable root stops the command before anything trains. Returns the probe's place."""
+    from resources.storage.base import StorageError
+    from resources.storage.preflight import check_writable
+
+    try:
+        return check_writable(exp.storage_root, exp.name)
+    except StorageError as e:
+        raise PreflightError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed command; an invalid experiment is `lab: <message>` and exit code 2."""
+    """Run the parsed command; an invalid experiment or a failed preflight is
+    `lab: <message>` and exit code 2."""
     try:
         return args.fn(args)
-    except ExperimentError as e:
+    except (ExperimentError, PreflightError) as e:
         print(f"lab: {e}", file=sys.stderr)
         return 2

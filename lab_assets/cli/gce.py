@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lab_assets.cli.common import add_command, add_experiment, build_tree, run
+from lab_assets.cli.common import add_command, add_experiment, build_tree, check_storage, run
 from lab_assets.defs.resources import gce_compute, gce_settings
 from lab_assets.experiment.load import load_experiment
 from lab_assets.experiment.resolved import Experiment
@@ -120,6 +120,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return 0
     _check_target(exp, args.asset, args.partition)
+    check_storage(exp)
     from dagster import DagsterInstance
 
     from lab_assets.cli.progress import backfill_with_progress

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from lab_assets.experiment.resolved import Experiment, expand_runs
+from lab_assets.experiment.resolved import Experiment, check_analysis, expand_runs
 from lab_assets.experiment.schema import ExperimentError, ExperimentFile
 from resources.remote.protocol import GsUriError, parse_gs_uri
 
@@ -25,7 +25,12 @@ DEFAULT_EXPERIMENT = Path("experiments") / "tiny.yaml"  # relative to the curren
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors:
+        if e["type"] == "too_short" and any(
+            o["loc"][: len(e["loc"])] == e["loc"] and len(o["loc"]) > len(e["loc"]) for o in errors
+        ):
+            continue  # pydantic counts a list whose items failed as empty: the items say why
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -90,4 +95,6 @@ def parse_experiment(text: str, path: Path, storage_root: str | None = None) -> 
     except ValidationError as e:
         raise ExperimentError(_format_validation_error(path, e)) from None
     root = storage_root or resolve_storage_root(f.storage, path.parent)
-    return Experiment(path=path, text=text, file=f, storage_root=root, runs=expand_runs(f, path))
+    runs = expand_runs(f, path)
+    check_analysis(f, runs, path)
+    return Experiment(path=path, text=text, file=f, storage_root=root, runs=runs)

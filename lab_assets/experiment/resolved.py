@@ -2,6 +2,8 @@
 
 Run ids (the ``run`` partition keys) are derived here, and nowhere else, so they
 stay stable and readable; fingerprints of config are made with ``digest``.
+``check_analysis`` refuses an experiment whose final analysis could not run, so that
+no adapter is trained for a classification that would fail at the end.
 """
 
 from __future__ import annotations
@@ -99,7 +101,18 @@ def run_id_for(method: str, task: str, hyper: Hyper, seed: int, tag: str | None)
     return f"{base}-{tag}" if tag else base
 
 
+# Adapter partitions (base models × runs) an experiment may have: each is a training run
+# and a Dagster partition; more than this is a typo (a seed range pasted twice over).
+MAX_ADAPTERS = 10_000
+
+
 def expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
+    n_runs = len(f.runs) + sum(len(g.methods) * len(g.tasks) * len(g.seeds) for g in f.grid)
+    if n_runs * len(f.base_models) > MAX_ADAPTERS:
+        raise ExperimentError(
+            f"{path}: grid, runs: {n_runs} runs × {len(f.base_models)} base models = "
+            f"{n_runs * len(f.base_models)} adapters; at most {MAX_ADAPTERS} are allowed"
+        )
     runs: list[RunSpec] = []
     where: dict[str, str] = {}
 
@@ -125,3 +138,32 @@ def expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
     for i, r in enumerate(f.runs):
         add(f"runs.{i}", r.method, r.task, r.seed, r)
     return tuple(runs)
+
+
+def check_analysis(f: ExperimentFile, runs: tuple[RunSpec, ...], path: Path) -> None:
+    """Refuse an experiment whose ``classification_results`` could not run.
+
+    It classifies every adapter's method and its task (``lab_assets.ml.classify``) with
+    grouped cross-validation, an adapter's group being ``model/seed``: it needs at least
+    two groups (one is held out at a time) and, for each label, at least two classes.
+    Found at validation, not after every adapter has trained.
+    """
+    groups = sorted({f"{m.id}/s{r.seed}" for m in f.base_models for r in runs})
+    problems = []
+    if len(groups) < 2:
+        seeds = sorted({r.seed for r in runs})
+        problems.append(
+            f"{path}: seeds: the classification needs at least two seed groups: grouped "
+            "cross-validation holds out one group (base model/seed) at a time; got "
+            f"{len(groups)} ({', '.join(groups)}, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}); add a seed (or a base model) to the grid or runs"
+        )
+    for label in ("method", "task"):
+        values = sorted({getattr(r, label) for r in runs})
+        if len(values) < 2:
+            problems.append(
+                f"{path}: {label}s: the classification of {label} needs at least two "
+                f"{label}s among the runs; got {len(values)} ({', '.join(values)})"
+            )
+    if problems:
+        raise ExperimentError("the experiment's analysis could not run\n  " + "\n  ".join(problems))

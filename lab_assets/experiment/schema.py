@@ -3,13 +3,28 @@
 One YAML file describes a whole experiment. It is validated when the Dagster
 definitions load, so a typo stops everything before anything runs, with an
 error that names the file and the field at fault (``load``).
+
+Every number has an upper bound as well as a lower one, floats must be finite,
+seeds are integers in [0, 2**31-1], free text and lists are capped: a hostile or
+mistyped file (``steps: 1e20``, ``learning_rate: .inf``, a megabyte description) is
+refused with the bound in the message, never accepted to fail hours later. The
+bounds are generous (the ``MAX_*`` constants below); raise one if a real
+experiment needs it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticKnownError
 
 from lab_assets.ml import LLAMA_TARGET_MODULES
 from lab_assets.ml.tasks import TASKS
@@ -25,6 +40,64 @@ METHOD_SLUG = {"lora_sft": "sft", "dpo": "dpo"}
 _SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
+MAX_SEED = 2**31 - 1  # numpy/torch generators take 32-bit seeds
+MAX_STEPS = 1_000_000
+MAX_EXAMPLES = 10_000_000
+MAX_BATCH = 4096
+MAX_TEXT = 10_000  # characters of free text (description)
+MAX_NAME = 256  # characters of a short string: a module name, a revision, a cron line
+MAX_PATH = 1024  # characters of the storage root
+MAX_BASE_MODELS = 64
+MAX_GRID_ENTRIES = 1000
+MAX_RUN_ENTRIES = 10_000
+MAX_SEEDS = 1000  # per grid entry
+MAX_TARGET_MODULES = 64
+MAX_LR = 10.0
+
+
+def _range_first(lo: int, hi: int) -> Any:
+    """Check the bounds before the integer conversion, so that a number too big for an
+    integer (``1e20`` or ``1.0e+20`` in YAML) is refused with its bound in the message,
+    like any other out-of-range number."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            return v
+        try:
+            x = float(v)
+        except (ValueError, OverflowError):
+            return v  # not a number, or an int beyond float: pydantic says which
+        if x > hi:
+            raise PydanticKnownError("less_than_equal", {"le": hi})
+        if x < lo:
+            raise PydanticKnownError("greater_than_equal", {"ge": lo})
+        return v
+
+    return BeforeValidator(check)
+
+
+def bounded_int(lo: int, hi: int) -> Any:
+    """An ``int`` field type in [lo, hi]; the message of a value outside names the bound."""
+    return Annotated[int, _range_first(lo, hi), Field(ge=lo, le=hi)]
+
+
+def positive_float(hi: float) -> Any:
+    """A finite ``float`` field type in (0, hi]: ``.inf`` and ``.nan`` are refused."""
+    return Annotated[float, Field(gt=0, le=hi, allow_inf_nan=False)]
+
+
+Seed = bounded_int(0, MAX_SEED)
+_Rank = bounded_int(1, 1024)
+_Alpha = positive_float(10_000.0)
+_Steps = bounded_int(1, MAX_STEPS)
+_LearningRate = positive_float(MAX_LR)
+_BatchSize = bounded_int(1, MAX_BATCH)
+_NExamples = bounded_int(8, MAX_EXAMPLES)
+_DpoBeta = positive_float(100.0)
+_ModuleName = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+_TargetModules = Annotated[tuple[_ModuleName, ...], Field(max_length=MAX_TARGET_MODULES)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,18 +106,18 @@ class TinySource(_Strict):
     """A tiny Llama-architecture model that the lab builds and pre-trains on CPU."""
 
     kind: Literal["tiny"]
-    hidden_size: int = Field(128, ge=16, le=4096)
-    num_layers: int = Field(2, ge=1, le=64)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(256, ge=16)
-    vocab_size: int = Field(512, ge=64)
-    max_seq_len: int = Field(64, ge=16)
-    pretrain_steps: int = Field(200, ge=0)
-    pretrain_batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
-    corpus_size: int = Field(4000, ge=10)
-    seed: int = 0
+    hidden_size: bounded_int(16, 4096) = 128
+    num_layers: bounded_int(1, 64) = 2
+    num_heads: bounded_int(1, 256) = 4
+    num_kv_heads: bounded_int(1, 256) = 2
+    intermediate_size: bounded_int(16, 32_768) = 256
+    vocab_size: bounded_int(64, 262_144) = 512
+    max_seq_len: bounded_int(16, 8192) = 64
+    pretrain_steps: bounded_int(0, MAX_STEPS) = 200
+    pretrain_batch_size: _BatchSize = 16
+    learning_rate: _LearningRate = 3e-3
+    corpus_size: bounded_int(10, MAX_EXAMPLES) = 4000
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinySource:
@@ -59,8 +132,10 @@ class HubSource(_Strict):
     """A Hugging Face Hub model at a pinned revision, fetched through the model cache."""
 
     kind: Literal["hub"]
-    repo_id: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$")
-    revision: str = Field(min_length=1, description="a commit sha or tag; never a moving branch")
+    repo_id: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$", max_length=MAX_NAME)
+    revision: str = Field(
+        min_length=1, max_length=MAX_NAME, description="a commit sha or tag; never a moving branch"
+    )
 
     @field_validator("revision")
     @classmethod
@@ -78,15 +153,15 @@ class BaseModelSpec(_Strict):
 class Hyper(_Strict):
     """Training hyper-parameters; every field may be overridden per grid entry or run."""
 
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
-    target_modules: tuple[str, ...] = LLAMA_TARGET_MODULES
-    steps: int = Field(30, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
+    rank: _Rank = 8
+    alpha: _Alpha = 16
+    target_modules: _TargetModules = LLAMA_TARGET_MODULES
+    steps: _Steps = 30
+    learning_rate: _LearningRate = 1e-3
+    batch_size: _BatchSize = 8
     use_rslora: bool = False
-    n_examples: int = Field(256, ge=8)
-    dpo_beta: float = Field(0.1, gt=0)
+    n_examples: _NExamples = 256
+    dpo_beta: _DpoBeta = 0.1
 
     @field_validator("target_modules")
     @classmethod
@@ -106,15 +181,15 @@ def _check_task(v: str) -> str:
 
 
 class _Overrides(_Strict):
-    rank: int | None = Field(None, ge=1, le=1024)
-    alpha: float | None = Field(None, gt=0)
-    target_modules: tuple[str, ...] | None = None
-    steps: int | None = Field(None, ge=1)
-    learning_rate: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, ge=1)
+    rank: _Rank | None = None
+    alpha: _Alpha | None = None
+    target_modules: _TargetModules | None = None
+    steps: _Steps | None = None
+    learning_rate: _LearningRate | None = None
+    batch_size: _BatchSize | None = None
     use_rslora: bool | None = None
-    n_examples: int | None = Field(None, ge=8)
-    dpo_beta: float | None = Field(None, gt=0)
+    n_examples: _NExamples | None = None
+    dpo_beta: _DpoBeta | None = None
     tag: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.]{0,30}$")
 
     def overrides(self) -> dict[str, Any]:
@@ -124,9 +199,9 @@ class _Overrides(_Strict):
 class GridEntry(_Overrides):
     """The cross product methods × tasks × seeds, with optional hyper-parameter overrides."""
 
-    methods: tuple[Literal["lora_sft", "dpo"], ...] = Field(min_length=1)
-    tasks: tuple[str, ...] = Field(min_length=1)
-    seeds: tuple[int, ...] = Field(min_length=1)
+    methods: tuple[Literal["lora_sft", "dpo"], ...] = Field(min_length=1, max_length=len(METHODS))
+    tasks: tuple[str, ...] = Field(min_length=1, max_length=len(TASKS))
+    seeds: tuple[Seed, ...] = Field(min_length=1, max_length=MAX_SEEDS)
 
     @field_validator("tasks")
     @classmethod
@@ -139,7 +214,7 @@ class RunEntry(_Overrides):
 
     method: Literal["lora_sft", "dpo"]
     task: str
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("task")
     @classmethod
@@ -148,12 +223,12 @@ class RunEntry(_Overrides):
 
 
 class SpectrumSpec(_Strict):
-    top_k: int = Field(16, ge=1, le=4096)
-    intruder_threshold: float = Field(0.5, gt=0, lt=1)
+    top_k: bounded_int(1, 4096) = 16
+    intruder_threshold: float = Field(0.5, gt=0, lt=1, allow_inf_nan=False)
 
 
 class ClassificationSpec(_Strict):
-    n_permutations: int = Field(200, ge=0, le=10000)
+    n_permutations: bounded_int(0, 10_000) = 200
 
 
 class LocalCompute(_Strict):
@@ -170,12 +245,12 @@ class GceCompute(GceSettings):
 class SweepSpec(_Strict):
     """Scheduled sweeps of missing/stale partitions, and how many training steps run at once."""
 
-    cron: str | None = None
-    timezone: str = "UTC"
+    cron: str | None = Field(None, max_length=MAX_NAME)
+    timezone: str = Field("UTC", max_length=MAX_NAME)
     # GCE: the GPU quota (the `gpu` pool's limit). Local: the `cpu` pool's limit
     # (None: the machine's cores).
-    max_gpu_in_flight: int = Field(1, ge=1, le=1000)
-    max_local_in_flight: int | None = Field(None, ge=1, le=256)
+    max_gpu_in_flight: bounded_int(1, 1000) = 1
+    max_local_in_flight: bounded_int(1, 256) | None = None
 
     @field_validator("cron")
     @classmethod
@@ -188,19 +263,19 @@ class SweepSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    max_usd: float = Field(0.0, ge=0)
+    max_usd: float = Field(0.0, ge=0, le=1_000_000, allow_inf_nan=False)
 
 
 class ExperimentFile(_Strict):
     """The YAML document as written."""
 
     name: str = Field(pattern=_SLUG)
-    description: str = ""
-    storage: str = Field(min_length=1)
-    base_models: tuple[BaseModelSpec, ...] = Field(min_length=1)
+    description: str = Field("", max_length=MAX_TEXT)
+    storage: str = Field(min_length=1, max_length=MAX_PATH)
+    base_models: tuple[BaseModelSpec, ...] = Field(min_length=1, max_length=MAX_BASE_MODELS)
     defaults: Hyper = Hyper()
-    grid: tuple[GridEntry, ...] = ()
-    runs: tuple[RunEntry, ...] = ()
+    grid: tuple[GridEntry, ...] = Field((), max_length=MAX_GRID_ENTRIES)
+    runs: tuple[RunEntry, ...] = Field((), max_length=MAX_RUN_ENTRIES)
     spectrum: SpectrumSpec = SpectrumSpec()
     classification: ClassificationSpec = ClassificationSpec()
     compute: Annotated[LocalCompute | GceCompute, Field(discriminator="kind")] = LocalCompute(

@@ -71,7 +71,10 @@ def test_materialize_help_names_the_default_experiment(capsys):
     assert "lab materialize --experiment experiments/tiny.yaml" in capsys.readouterr().out
 
 
-def test_validate_and_a_bad_experiment(tmp_path, capsys):
+def test_validate_and_a_bad_experiment(tmp_path, capsys, monkeypatch):
+    # validate checks that storage is writable: a root of the test's own, not the file's
+    monkeypatch.setenv("LAB_STORAGE_ROOT", str(tmp_path / "storage"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     assert main(["validate", "--experiment", str(TESTS_DIR / "experiments" / "small.yaml")]) == 0
     out = capsys.readouterr().out
     assert "base models  tiny-test" in out and "runs " in out and "adapters " in out

@@ -34,6 +34,12 @@ from resources.compute.gce.vm_spec import DLVM_FAMILY, DLVM_PROJECT
 
 _ZONE = re.compile(r"[a-z]+-[a-z]+\d+-[a-z]")
 _IMAGE_FAMILY = r"^[a-z][a-z0-9-]{0,62}$"
+# Upper bounds (every number has one; floats are finite): generous, but a typo such as
+# `max_run_duration_s: 1e20` is refused with the bound in the message.
+_DAY_S = 24 * 3600
+_MAX_DURATION_S = 30 * _DAY_S
+_MAX_PACE_S = 3600.0  # a poll, flush, heartbeat or grace interval
+_MAX_USD = 1_000_000.0
 
 
 class GceSettings(BaseModel):
@@ -42,9 +48,9 @@ class GceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-    zones: list[str] = Field(min_length=1)
-    machine_type: str = Field(min_length=1)
-    gpu_type: str = Field(min_length=1)
+    zones: list[str] = Field(min_length=1, max_length=128)
+    machine_type: str = Field(min_length=1, max_length=128)
+    gpu_type: str = Field(min_length=1, max_length=128)
     gpu_count: int = Field(1, ge=1, le=16)
     spot: bool = True
     image_family: str = Field("task-geometry-lab", pattern=_IMAGE_FAMILY)
@@ -52,9 +58,9 @@ class GceSettings(BaseModel):
     # A Deep Learning VM image family used when `image_family` has no image yet.
     fallback_image_family: str = Field(DLVM_FAMILY, pattern=_IMAGE_FAMILY)
     fallback_image_project: str = DLVM_PROJECT
-    boot_disk_gb: int = Field(100, ge=10)
-    max_run_duration_s: int = Field(4 * 3600, ge=60)
-    max_preemptions: int = Field(3, ge=0)
+    boot_disk_gb: int = Field(100, ge=10, le=65_536)
+    max_run_duration_s: int = Field(4 * 3600, ge=60, le=_MAX_DURATION_S)
+    max_preemptions: int = Field(3, ge=0, le=1000)
     service_account: str | None = None
     # Price per hour, keyed by machine type and by GPU type (per GPU); "<name>:spot"
     # keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
@@ -65,9 +71,9 @@ class GceSettings(BaseModel):
     # Leave the VM running after the step (to ssh in); the reaper deletes it after
     # keep_vm_hours, maxRunDuration in any case.
     keep_vm: bool = False
-    keep_vm_hours: float = Field(2.0, gt=0)
+    keep_vm_hours: float = Field(2.0, gt=0, le=_MAX_DURATION_S / 3600, allow_inf_nan=False)
     # The reaper deletes lab VMs older than this (default: max_run_duration_s + 10 min).
-    reap_after_s: int | None = Field(None, ge=60)
+    reap_after_s: int | None = Field(None, ge=60, le=_MAX_DURATION_S)
     # Where launches stage their files (default: <storage root>/<experiment>).
     staging_root: str | None = None
     require_gcs_storage: bool = True
@@ -78,15 +84,15 @@ class GceSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the step
     api_endpoint: str | None = None
     # How the launcher and the agent pace themselves.
-    poll_interval_s: float = Field(2.0, gt=0)
-    flush_interval_s: float = Field(2.0, gt=0)
-    heartbeat_s: float = Field(15.0, gt=0)
-    heartbeat_timeout_s: float = Field(180.0, gt=0)
-    boot_timeout_s: float = Field(1200.0, gt=0)
-    instance_check_s: float = Field(15.0, gt=0)
-    grace_s: float = Field(20.0, gt=0)
-    checkpoint_sync_s: float = Field(30.0, gt=0)
-    preempted_poll_s: int = Field(30, gt=0)
+    poll_interval_s: float = Field(2.0, gt=0, le=_MAX_PACE_S, allow_inf_nan=False)
+    flush_interval_s: float = Field(2.0, gt=0, le=_MAX_PACE_S, allow_inf_nan=False)
+    heartbeat_s: float = Field(15.0, gt=0, le=_MAX_PACE_S, allow_inf_nan=False)
+    heartbeat_timeout_s: float = Field(180.0, gt=0, le=_DAY_S, allow_inf_nan=False)
+    boot_timeout_s: float = Field(1200.0, gt=0, le=_DAY_S, allow_inf_nan=False)
+    instance_check_s: float = Field(15.0, gt=0, le=_MAX_PACE_S, allow_inf_nan=False)
+    grace_s: float = Field(20.0, gt=0, le=_MAX_PACE_S, allow_inf_nan=False)
+    checkpoint_sync_s: float = Field(30.0, gt=0, le=_DAY_S, allow_inf_nan=False)
+    preempted_poll_s: int = Field(30, gt=0, le=int(_MAX_PACE_S))
 
     @field_validator("zones")
     @classmethod
@@ -94,6 +100,16 @@ class GceSettings(BaseModel):
         for z in v:
             if not _ZONE.fullmatch(z):
                 raise ValueError(f"{z!r} is not a zone name like 'us-central1-a'")
+        return v
+
+    @field_validator("hourly_usd")
+    @classmethod
+    def _prices(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, price in v.items():
+            if not 0 <= price <= _MAX_USD:  # also refuses nan and inf
+                raise ValueError(
+                    f"{key}: price {price} is not a finite number from 0 to {_MAX_USD}"
+                )
         return v
 
     @field_validator("bundle_install")
@@ -138,7 +154,7 @@ class LaunchSettings(GceSettings):
     storage_root: str
     experiment: str
     experiment_file: str | None = None
-    budget_usd: float = Field(0.0, ge=0)
+    budget_usd: float = Field(0.0, ge=0, le=_MAX_USD, allow_inf_nan=False)
     zone: str | None = Field(None, description="run this step in this zone only")
     machine_type_override: str | None = None
     gpu_type_override: str | None = None
