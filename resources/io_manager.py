@@ -82,14 +82,21 @@ class ArtifactIOManager(ConfigurableIOManager):
         )
 
     def load_input(self, context: InputContext) -> Path | dict[str, Path]:
+        """Local directories of the input partitions, each verified against its manifest.
+
+        Raises `IntegrityError` (naming asset, partition, file, expected and found) for
+        a corrupt, truncated, missing or stray file, so downstream code never computes
+        on damaged data. Hashes are remembered per unchanged file, so a multi-GB input
+        is hashed once, not on every read (`resources.storage.integrity`).
+        """
         store = self.storage.store
         asset = _asset_name(context)
         if not context.has_asset_partitions:
-            return store.local_path(asset, None)
+            return store.verified_path(asset, None)
         keys = list(context.asset_partition_keys)
         if context.has_partition_key and len(keys) == 1:
-            return store.local_path(asset, keys[0])
-        return {k: store.local_path(asset, k) for k in keys}
+            return store.verified_path(asset, keys[0])
+        return {k: store.verified_path(asset, k) for k in keys}
 
 
 def _plain(v: Any) -> Any:

@@ -2,7 +2,8 @@
 
 - `materialize`: every partition of an experiment, with a progress bar (the README's
   main command).
-- `sweep [--dry-run]`: exactly the missing or stale partitions, with the reason for each.
+- `sweep [--dry-run] [--verify [cheap|full]]`: exactly the missing, stale or corrupt
+  partitions, with the reason for each.
 - `reconcile`: record what storage holds in this Dagster instance.
 - `validate`: check an experiment file and list its partitions.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lab_assets.cli.common import add_command, add_experiment
+from lab_assets.cli.common import add_command, add_experiment, check_storage
 from lab_assets.cli.progress import backfill_with_progress
 from lab_assets.experiment.load import load_experiment
 from lab_assets.orchestration.instance import ensure_dagster_home
@@ -31,16 +32,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers,
         "sweep",
-        purpose="Materialise exactly the missing or stale partitions, saying why each runs.",
-        help="materialise exactly the missing or stale partitions",
+        purpose=(
+            "Materialise exactly the missing, stale or corrupt partitions, saying why each runs."
+        ),
+        help="materialise exactly the missing, stale or corrupt partitions",
         examples=[
             "lab sweep --experiment experiments/tiny.yaml --dry-run",
+            "lab sweep --experiment experiments/tiny.yaml --dry-run --verify",
             "lab sweep --experiment experiments/tiny.yaml",
         ],
         fn=_cmd_sweep,
     )
     add_experiment(p)
     p.add_argument("--dry-run", action="store_true", help="say what would run, and why")
+    p.add_argument(
+        "--verify",
+        nargs="?",
+        const="full",
+        default="cheap",
+        choices=["cheap", "full"],
+        help=(
+            "how stored files are checked against their manifests: 'cheap' (default: "
+            "file list and sizes, stray files) or 'full' (also every file's sha256, "
+            "reading every byte; plain --verify means full)"
+        ),
+    )
     p.add_argument(
         "--no-reconcile", action="store_true", help="skip recording storage's partitions"
     )
@@ -66,10 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
+    check_storage(exp)
     home = ensure_dagster_home()
     print(f"{exp.path}: valid")
     print(f"  experiment   {exp.name}")
-    print(f"  storage      {exp.storage_root}")
+    print(f"  storage      {exp.storage_root} (writable: a probe was written and deleted)")
     print(f"  compute      {exp.file.compute.kind}")
     print(f"  base models  {', '.join(exp.model_ids)}")
     print(f"  runs         {len(exp.runs)}: {', '.join(exp.run_ids)}")
@@ -80,6 +97,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
+    check_storage(exp)
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
@@ -97,6 +115,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
+    if not args.dry_run:  # a dry run only reads storage
+        check_storage(exp)
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
@@ -109,10 +129,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             recorded = reconcile(exp, instance, store)
             if recorded:
                 print(f"reconciled {len(recorded)} partitions from storage into {home}")
-        statuses = assess(exp, instance, store)
+        statuses = assess(exp, instance, store, verify=args.verify)
         plan = plan_sweep(exp, statuses)
         if not plan:
-            print(f"experiment {exp.name}: nothing missing or stale; no runs launched")
+            checked = (
+                "sha256-checked"
+                if args.verify == "full"
+                else "checked by file list and size; --verify also checks sha256"
+            )
+            print(
+                f"experiment {exp.name}: nothing missing or stale; no runs launched "
+                f"(stored files {checked})"
+            )
             return 0
         print(f"experiment {exp.name}: {len(plan)} runs to launch")
         for p in plan:

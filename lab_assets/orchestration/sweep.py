@@ -4,8 +4,12 @@ A partition is *missing* when storage holds no complete copy (no manifest) or th
 Dagster instance has no materialisation of it; *stale* when the fingerprint
 recorded with its latest materialisation (its data version) differs from the one
 the experiment file and code expect now (`lab_assets.experiment.versions`); otherwise
-*fresh*. The sweep rematerialises exactly the missing and stale partitions, in
-dependency order, each run tagged with why it was launched.
+*fresh*. A partition storage holds is *corrupt* when its files disagree with its
+manifest: by default (`CHEAP`: file list and sizes, stray files; stat calls only, so
+the automation condition and the staleness sensor can afford it every tick), or with
+`verify=FULL` (`lab sweep --verify`) also each file's sha256, which reads every byte and
+so only runs when asked. The sweep rematerialises exactly the missing, stale and corrupt
+partitions, in dependency order, each run tagged with why it was launched.
 
 `reconcile` is for a new or lost Dagster instance: it records, as runless
 materialisations carrying their data version, the complete partitions storage
@@ -30,9 +34,10 @@ from lab_assets.experiment.versions import (
 )
 from lab_assets.names import ADAPTERS_JOB, BASE_MODELS_JOB, CLASSIFICATION_JOB
 from lab_assets.orchestration.runner import PlannedRun
-from resources.storage.base import ArtifactStore
+from resources.storage.base import CHEAP, FULL, ArtifactStore
 
-MISSING, STALE, FRESH = "missing", "stale", "fresh"
+MISSING, STALE, CORRUPT, FRESH = "missing", "stale", "corrupt", "fresh"
+VERIFY_LEVELS = (CHEAP, FULL)
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,15 @@ def _meta(v):
 
 
 def assess(
-    exp: Experiment, instance: DagsterInstance, store: ArtifactStore
+    exp: Experiment, instance: DagsterInstance, store: ArtifactStore, *, verify: str = CHEAP
 ) -> list[PartitionStatus]:
-    """The state of every partition of the experiment, upstream first."""
+    """The state of every partition of the experiment, upstream first.
+
+    `verify` is how stored files are checked against their manifests: `CHEAP` (the
+    default, what every automation tick runs) or `FULL` (sha256 of every file).
+    """
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, not {verify!r}")
     expected = expected_recipes(exp)
     statuses = []
     for asset in ASSET_ORDER:
@@ -93,8 +104,12 @@ def assess(
             want = expected[(asset, p)]
             have = seen.get(p)
             manifest = store.read_manifest(asset, p)
+            problems = [] if manifest is None else store.check(asset, p, manifest, level=verify)
             if manifest is None:
                 statuses.append(PartitionStatus(asset, p, MISSING, ("not in storage",)))
+            elif problems:
+                why = tuple(pr.short for pr in problems)
+                statuses.append(PartitionStatus(asset, p, CORRUPT, why))
             elif have is None:
                 statuses.append(PartitionStatus(asset, p, MISSING, ("never materialised here",)))
             elif have.fingerprint != want.fingerprint:
@@ -110,7 +125,10 @@ def assess(
 
 
 def plan_sweep(exp: Experiment, statuses: Iterable[PartitionStatus]) -> list[PlannedRun]:
-    """Runs that rematerialise every non-fresh partition, in dependency order."""
+    """Runs that rematerialise every non-fresh partition, in dependency order.
+
+    A run's reason reads e.g. `adapter corrupt: adapter_model.safetensors sha256 mismatch`.
+    """
     todo = {(s.asset, s.partition): s for s in statuses if s.state != FRESH}
     plan: list[PlannedRun] = []
     for job, assets, partitions in (

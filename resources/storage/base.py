@@ -35,6 +35,65 @@ class IncompletePartitionError(StorageError):
     """A partition was asked for that storage does not hold complete."""
 
 
+# How hard a stored partition is checked against its manifest (`ArtifactStore.check`).
+CHEAP = "cheap"  # file list and sizes, stray files: stat calls only, safe every tick
+FULL = "full"  # and every file's sha256: reads every byte
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """One way a stored file disagrees with its partition's manifest.
+
+    `kind` is `missing` (in the manifest, not on disk), `stray` (on disk, not in the
+    manifest), `size` or `sha256` (or, for GCS objects, `generation` or `crc32c`; `error`
+    when the files could not be read at all); `expected` is the manifest's value, `found`
+    what is there.
+    """
+
+    path: str
+    kind: str
+    expected: int | str | None = None
+    found: int | str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "missing":
+            return f"{self.path} missing"
+        if self.kind == "stray":
+            return f"{self.path} stray file ({self.found} bytes, not in the manifest)"
+        if self.kind == "error":
+            return f"{self.path}: {self.found}"
+        if self.kind == "size":
+            return f"{self.path} size {self.found} != {self.expected} (manifest)"
+        return f"{self.path} {self.kind} {self.found} != {self.expected} (manifest)"
+
+    @property
+    def short(self) -> str:
+        """One line without the hashes, for the sweep's reasons."""
+        if self.kind == "sha256":
+            return f"{self.path} sha256 mismatch"
+        return str(self)
+
+
+class IntegrityError(StorageError):
+    """A stored partition's files do not match its manifest: corrupt, truncated, stray.
+
+    Raised when an input is read, before downstream code sees the files: a flipped byte
+    would otherwise be computed on silently, and a truncated file would fail later with
+    a parser's error that names neither the partition nor the cause.
+    """
+
+    def __init__(self, asset: str, partition: str | None, where: str, problems: list[FileProblem]):
+        self.asset = asset
+        self.partition = partition
+        self.where = where
+        self.problems = list(problems)
+        part = f"[{partition}]" if partition is not None else ""
+        super().__init__(
+            f"{asset}{part}: stored files do not match the manifest at {where}: "
+            + "; ".join(str(p) for p in self.problems)
+        )
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str
@@ -142,6 +201,31 @@ class ArtifactStore(ABC):
     @abstractmethod
     def verify(self, asset: str, partition: str | None) -> list[str]:
         """Problems found re-checking every file against the manifest (empty: intact)."""
+
+    @abstractmethod
+    def check(
+        self,
+        asset: str,
+        partition: str | None,
+        manifest: Manifest | None = None,
+        *,
+        level: str = CHEAP,
+    ) -> list[FileProblem]:
+        """How the stored partition disagrees with `manifest` (default: its own), at `level`.
+
+        `CHEAP` compares file lists and sizes and finds stray files without reading any
+        content, so it can run on every automation tick; `FULL` also re-hashes every file.
+        A partition without a manifest has nothing to check against: empty.
+        """
+
+    @abstractmethod
+    def verified_path(self, asset: str, partition: str | None) -> Path:
+        """`local_path`, with every file checked against the manifest (size and sha256).
+
+        Raises `IntegrityError` on any mismatch, missing or stray file. Hashes are
+        remembered by file identity (see `resources.storage.integrity`), so an untouched
+        file is hashed once, not on every read.
+        """
 
     def is_complete(self, asset: str, partition: str | None) -> bool:
         return self.read_manifest(asset, partition) is not None

@@ -15,15 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from resources.storage.base import (
+    CHEAP,
+    FULL,
     MANIFEST_NAME,
     ArtifactStore,
+    FileProblem,
     IncompletePartitionError,
+    IntegrityError,
     Manifest,
     StorageError,
     partition_dirname,
     scan_dir,
     verify_dir,
 )
+from resources.storage.integrity import check_dir
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -95,6 +100,38 @@ class LocalArtifactStore(ArtifactStore):
         if manifest is None:
             return [f"{where}: no manifest"]
         return verify_dir(self._dir(asset, partition), manifest, where)
+
+    def check(
+        self,
+        asset: str,
+        partition: str | None,
+        manifest: Manifest | None = None,
+        *,
+        level: str = CHEAP,
+    ) -> list[FileProblem]:
+        """See `ArtifactStore.check`; `FULL` re-hashes every file, remembered hashes aside."""
+        manifest = manifest or self.read_manifest(asset, partition)
+        if manifest is None:
+            return []
+        return check_dir(self._dir(asset, partition), manifest, level=level, trust_stamps=False)
+
+    def verified_path(self, asset: str, partition: str | None) -> Path:
+        """The partition's directory, checked in full; an untouched file is hashed once."""
+        d = self._dir(asset, partition)
+        for _ in range(3):
+            manifest = self.read_manifest(asset, partition)
+            if manifest is None:
+                raise IncompletePartitionError(
+                    f"{self.uri(asset, partition)}: partition is missing or incomplete "
+                    "(no manifest)"
+                )
+            problems = check_dir(d, manifest, level=FULL)
+            if not problems:
+                return d
+            if self.read_manifest(asset, partition) == manifest:
+                raise IntegrityError(asset, partition, str(d), problems)
+            # A commit replaced the partition while it was checked: check the new one.
+        raise IntegrityError(asset, partition, str(d), problems)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -5,7 +5,10 @@
 by the manifest's sha256s, so a replaced partition is downloaded again and an unchanged
 one is reused. A copy is sha256-checked against the manifest when downloaded, then
 marked verified; this module holds that marking and the cheap check that a copy is still
-as verified (sizes and pinned mtimes, no rehashing).
+as verified (sizes and pinned mtimes, no rehashing). Pinned mtimes can be faked with
+``os.utime``, so a reader also checks the copy's sha256s through
+``resources.storage.integrity`` (remembered by file identity, ctime included, so an
+untouched copy is not re-hashed on every read).
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from resources.storage.base import MANIFEST_NAME, Manifest, StorageError
+from resources.storage.integrity import CACHE_ENV, default_cache_dir
 
-CACHE_ENV = "LAB_CACHE_DIR"
+__all__ = [
+    "CACHE_ENV",
+    "cached_copy_ok",
+    "default_cache_dir",
+    "prune_siblings",
+    "snapshot_key",
+    "write_verified_marker",
+]
 # Cached files get an mtime this far in the past (see write_verified_marker).
 _STAMP_AGE_NS = 10 * 10**9
-
-
-def default_cache_dir() -> Path:
-    """`$LAB_CACHE_DIR`, else `lab-cache` under the system temp dir."""
-    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "lab-cache")
 
 
 def snapshot_key(manifest: Manifest) -> str:

@@ -61,6 +61,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from resources.storage.base import (
+    FULL,
     MANIFEST_NAME,
     FileEntry,
     IncompletePartitionError,
@@ -89,6 +90,7 @@ from resources.storage.gcs.session import (
     StoredObject,
     file_digests,
 )
+from resources.storage.integrity import check_dir
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +205,14 @@ class GCSManifestDir:
             raise GCSError("downloaded files do not match the manifest: " + "; ".join(problems))
 
     def local_copy(self, cache_dir: Path | None = None, *, attempts: int = 4) -> Path:
-        """A verified local copy in the cache, downloaded unless an identical one is there."""
-        base = (cache_dir or default_cache_dir()) / "gcs" / self.bucket / self.prefix
+        """A verified local copy in the cache, downloaded unless an identical one is there.
+
+        A cached copy is reused only if its files still match the manifest's sha256s
+        (remembered by file identity, so an untouched copy is not re-hashed); one changed
+        locally since its download is downloaded again.
+        """
+        cache_root = cache_dir or default_cache_dir()
+        base = cache_root / "gcs" / self.bucket / self.prefix
         for _ in range(attempts):
             snap = self.read()
             if snap is None:
@@ -212,8 +220,19 @@ class GCSManifestDir:
                     f"{self.uri}: partition is missing or incomplete (no manifest)"
                 )
             target = base / snapshot_key(snap.manifest)
+            damaged = False
             if cached_copy_ok(target, snap.manifest):
-                return target
+                problems = check_dir(target, snap.manifest, level=FULL, stamp_root=cache_root)
+                if not problems:
+                    return target
+                damaged = True
+                log.warning(
+                    "%s: the cached copy %s changed after it was downloaded (%s); "
+                    "downloading it again",
+                    self.uri,
+                    target,
+                    "; ".join(p.short for p in problems),
+                )
             base.mkdir(parents=True, exist_ok=True)
             staging = base / f".tmp-{uuid.uuid4().hex[:12]}"
             try:
@@ -222,7 +241,7 @@ class GCSManifestDir:
                 try:
                     staging.rename(target)
                 except OSError:
-                    if not cached_copy_ok(target, snap.manifest):
+                    if damaged or not cached_copy_ok(target, snap.manifest):
                         shutil.rmtree(target, ignore_errors=True)
                         staging.rename(target)
             except ObjectGoneError as e:

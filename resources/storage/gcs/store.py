@@ -18,16 +18,21 @@ from typing import Any
 
 from resources.remote.protocol import parse_gs_uri
 from resources.storage.base import (
+    CHEAP,
+    FULL,
     MANIFEST_NAME,
     ArtifactStore,
+    FileProblem,
     IncompletePartitionError,
     Manifest,
     StorageError,
     partition_dirname,
     verify_dir,
 )
-from resources.storage.gcs.manifest_dir import GCSManifestDir, Snapshot
+from resources.storage.gcs.cache import default_cache_dir
+from resources.storage.gcs.manifest_dir import COMMIT_DIR_PREFIX, GCSManifestDir, Snapshot
 from resources.storage.gcs.session import GCSSession, ProgressFn, StoredObject
+from resources.storage.integrity import check_dir
 
 
 class GCSArtifactStore(ArtifactStore):
@@ -117,6 +122,43 @@ class GCSArtifactStore(ArtifactStore):
             return [str(e)]
         return verify_dir(path, snap.manifest, d.uri)
 
+    def check(
+        self,
+        asset: str,
+        partition: str | None,
+        manifest: Manifest | None = None,
+        *,
+        level: str = CHEAP,
+    ) -> list[FileProblem]:
+        """See `ArtifactStore.check`; always against the manifest stored now.
+
+        `CHEAP` is server-side only (one listing: each object present at its pinned
+        generation, size and crc32c, and no stray objects in the commit directory);
+        `FULL` also sha256-checks a local copy (downloaded if the cache has none).
+        """
+        d = self.directory(asset, partition)
+        snap = d.read()
+        if snap is None:
+            return []
+        problems = object_problems(d, snap)
+        if problems or level == CHEAP:
+            return problems
+        try:
+            path = d.local_copy(self.cache_dir)
+        except StorageError as e:  # e.g. a download that does not match its manifest
+            return [FileProblem(MANIFEST_NAME, "error", found=str(e))]
+        return check_dir(
+            path,
+            snap.manifest,
+            level=FULL,
+            trust_stamps=False,
+            stamp_root=self.cache_dir or default_cache_dir(),
+        )
+
+    def verified_path(self, asset: str, partition: str | None) -> Path:
+        """The cached copy: sha256-checked when downloaded, and when reused (see `local_copy`)."""
+        return self.directory(asset, partition).local_copy(self.cache_dir)
+
     # -- raw objects (streamed logs and other files written without a manifest) ----
 
     def list_objects(self, rel_prefix: str) -> list[StoredObject]:
@@ -133,3 +175,28 @@ class GCSArtifactStore(ArtifactStore):
         """Download `<root>/<experiment>/<rel_path>` to the file `dest` (crc32c-checked)."""
         name = f"{self._base}/{rel_path.strip('/')}"
         self.session.download(self.bucket, [(name, generation, size, Path(dest))])
+
+
+def object_problems(d: GCSManifestDir, snap: Snapshot) -> list[FileProblem]:
+    """The bucket's objects against the snapshot: missing, generation, size, crc32c, stray."""
+    stored = d.stored_objects(snap)
+    problems = []
+    for f in snap.manifest.files:
+        o = stored.pop(f.path, None)
+        ref = snap.objects.get(f.path)
+        if o is None:
+            problems.append(FileProblem(f.path, "missing", expected=f.size))
+        elif ref and ref.generation and o.generation != ref.generation:
+            problems.append(
+                FileProblem(f.path, "generation", expected=ref.generation, found=o.generation)
+            )
+        elif o.size != f.size:
+            problems.append(FileProblem(f.path, "size", expected=f.size, found=o.size))
+        elif ref and ref.crc32c and o.crc32c != ref.crc32c:
+            problems.append(FileProblem(f.path, "crc32c", expected=ref.crc32c, found=o.crc32c))
+    for rel, o in sorted(stored.items()):
+        # The flat (rsync-ed) layout shares its prefix with the manifest and commit dirs.
+        if snap.commit is None and (rel == MANIFEST_NAME or rel.startswith(COMMIT_DIR_PREFIX)):
+            continue
+        problems.append(FileProblem(rel, "stray", found=o.size))
+    return problems
