@@ -81,16 +81,22 @@ def test_step_failure_is_reported_and_scratch_deleted(lab_env, instance):
     )
 
 
-@pytest.mark.parametrize(("mode", "code"), [("crash", 3), ("sigkill", -9)])
+@pytest.mark.parametrize(
+    ("mode", "how"),
+    [
+        ("crash", "exited with code 3"),
+        ("sigkill", "was ended by SIGKILL (signal 9) (out of memory?"),
+    ],
+)
 def test_worker_crash_fails_the_step_with_its_output_and_spares_the_server(
-    lab_env, instance, mode, code
+    lab_env, instance, mode, how
 ):
     server = _server_pid()
     with _run(instance, mode) as result:
         assert not result.success
         err = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     text = err.to_string()
-    assert f"exited with code {code} before the step ended" in text
+    assert how in text and "before the step ended" in text
     assert "worker pid" in text  # the tail of the worker's own output is attached
     assert scratch_leftovers(lab_env["scratch"]) == []
     with _run(instance, "ok") as result:  # the same server serves the next step

@@ -25,7 +25,7 @@ from resources.compute.gce.chunks import ChunkReader
 from resources.compute.gce.gcs import Gcs
 from resources.compute.gce.record import LaunchRecord, Vm
 from resources.compute.gce.settings import LaunchSettings
-from resources.compute.local.launcher import StepWorkerError
+from resources.compute.local.launcher import StepWorkerError, describe_exit
 from resources.remote import protocol
 
 if TYPE_CHECKING:
@@ -129,9 +129,13 @@ class VmFollower:
         state = status.get("state")
         if state == "preempted" and (status.get("confirmed") or self._preempted()):
             return PREEMPTED
-        detail = status.get("error") or f"code {status.get('returncode')}"
+        code = status.get("returncode")
+        detail = status.get("error") or (
+            describe_exit(int(code)) if isinstance(code, int) else f"code {code}"
+        )
+        how = detail if state == "exited" and not status.get("error") else f"{state}, {detail}"
         raise StepWorkerError(
-            f"step on VM {self.vm.name} ended ({state}, {detail}) before the step ended; "
+            f"step on VM {self.vm.name} ended ({how}) before the step ended; "
             "its last output:\n" + self._last_output()
         )
 

@@ -24,6 +24,7 @@ import os
 import pickle
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -141,10 +142,8 @@ class LocalProcessStepLauncher(StepLauncher):
             worker.join_output()
             _relay_lines(worker, recent)
         if not ended:
-            code = worker.poll()
             raise StepWorkerError(
-                f"step worker for {step_key} exited with code "
-                f"{'unknown (its warm server went away)' if code is None else code} "
+                f"step worker for {step_key} {describe_exit(worker.poll())} "
                 "before the step ended; its last output:\n" + "\n".join(recent)
             )
 
@@ -204,6 +203,20 @@ class LocalProcessStepLauncher(StepLauncher):
         if self.warm_idle_timeout_s is not None:
             return self.warm_idle_timeout_s
         return float(os.environ.get(WARM_IDLE_TIMEOUT_ENV) or DEFAULT_IDLE_TIMEOUT_S)
+
+
+def describe_exit(code: int | None) -> str:
+    """How a worker ended, in words: a negative code is the signal that killed it."""
+    if code is None:
+        return "exited with code unknown (its warm server went away)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if code == -9 else ""
+        return f"was ended by {name} (signal {-code}){hint}"
+    return f"exited with code {code}"
 
 
 def _relay_lines(
