@@ -8,6 +8,7 @@ line (`step k/N loss x`). Ctrl-C cancels the backfill and says what it stopped.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from dagster import DagsterInstance
 from tqdm import tqdm
@@ -24,6 +25,7 @@ def backfill_with_progress(
     targets: list[AssetPartition],
     title: str,
     run_config: dict | None = None,
+    on_submitted: Callable[[str], None] | None = None,
 ) -> int:
     """Run one backfill with a live progress bar; 0 if every partition was materialised."""
     with tqdm(total=len(targets), unit="partition", mininterval=1.0) as bar:
@@ -42,7 +44,14 @@ def backfill_with_progress(
                 bar.set_postfix_str(postfix)
 
         result = run_backfill(
-            instance, exp, targets, title, show, on_event=bar.write, run_config=run_config
+            instance,
+            exp,
+            targets,
+            title,
+            show,
+            on_event=bar.write,
+            run_config=run_config,
+            on_submitted=on_submitted,
         )
     p = result.progress
     print(

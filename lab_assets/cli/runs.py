@@ -120,17 +120,39 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from lab_assets.orchestration.sweep import assess, plan_sweep, reconcile, sweep_targets
+    from lab_assets.orchestration.sweep import (
+        FRESH,
+        assess,
+        in_flight,
+        plan_sweep,
+        reconcile,
+        sweep_lock,
+        sweep_targets,
+    )
     from resources.storage.open import open_store
 
     store = open_store(exp.storage_root, exp.name)
-    with DagsterInstance.get() as instance:
+    lock = sweep_lock(home)  # held from planning until the backfill is written
+    with lock, DagsterInstance.get() as instance:
         if not args.no_reconcile:
             recorded = reconcile(exp, instance, store)
             if recorded:
                 print(f"reconciled {len(recorded)} partitions from storage into {home}")
         statuses = assess(exp, instance, store, verify=args.verify)
+        busy = in_flight(instance)
+        for st in statuses:
+            if st.state != FRESH and (st.asset, st.partition) in busy:
+                where = f"[{st.partition}]" if st.partition else ""
+                print(
+                    f"  already being rebuilt: {st.asset}{where} ({busy[(st.asset, st.partition)]})"
+                )
+        kept = [st for st in statuses if (st.asset, st.partition) not in busy]
+        skipped = len(statuses) - len(kept)
+        statuses = kept
         plan = plan_sweep(exp, statuses)
+        if not plan and skipped:
+            print(f"experiment {exp.name}: nothing else to launch; no runs launched")
+            return 0
         if not plan:
             checked = (
                 "sha256-checked"
@@ -148,7 +170,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
         code = backfill_with_progress(
-            instance, exp, sweep_targets(statuses), f"lab sweep: {exp.name}"
+            instance,
+            exp,
+            sweep_targets(statuses),
+            f"lab sweep: {exp.name}",
+            on_submitted=lambda _id: lock.release(),
         )
     if code == 0:
         _print_classification(exp)

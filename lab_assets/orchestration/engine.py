@@ -76,6 +76,7 @@ def run_backfill(
     on_event: Callable[[str], None] = print,
     tags: dict[str, str] | None = None,
     run_config: dict | None = None,
+    on_submitted: Callable[[str], None] | None = None,
 ) -> BackfillResult:
     """Backfill exactly `targets` through the daemon; returns when it has ended or was canceled."""
     set_pool_limits(instance, exp)
@@ -88,6 +89,8 @@ def run_backfill(
     with daemon_for(instance, exp, log) as started:
         on_event("daemon: started for this command" if started else "daemon: using the one running")
         backfill_id = submit_backfill(instance, exp, targets, title, tags, run_config)
+        if on_submitted is not None:
+            on_submitted(backfill_id)
         on_event(f"backfill {backfill_id}: {len(targets)} asset partitions ({title})")
         with _interrupts_as_flag() as stop:
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dagster import AssetKey, AssetMaterialization, AssetRecordsFilter, DagsterInstance
 from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSION_TAG
@@ -193,3 +194,63 @@ def reconcile(exp: Experiment, instance: DagsterInstance, store: ArtifactStore) 
 def sweep_targets(statuses: Iterable[PartitionStatus]) -> list[tuple[str, str | None]]:
     """The (asset, partition) pairs a sweep rebuilds: every one that is not fresh."""
     return [(s.asset, s.partition) for s in statuses if s.state != FRESH]
+
+
+def in_flight(instance: DagsterInstance) -> dict[tuple[str, str | None], str]:
+    """(asset, partition) → what is already rebuilding it: a backfill still requested
+    (its targets not yet materialised or failed) or a queued or running run. A sweep
+    leaves these out, so two sweeps (or a sweep beside a UI backfill) build each once."""
+    from dagster import DagsterRunStatus, RunsFilter
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    busy: dict[tuple[str, str | None], str] = {}
+    active = BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED])
+    for b in instance.get_backfills(filters=active):
+        data = b.asset_backfill_data
+        if data is None:
+            continue
+        settled = data.materialized_subset | data.failed_and_downstream_subset
+        for ap in data.target_subset.iterate_asset_partitions():
+            if ap not in settled:
+                busy[(ap.asset_key.to_user_string(), ap.partition_key)] = (
+                    f"backfill {b.backfill_id}"
+                )
+    running = RunsFilter(
+        statuses=[
+            DagsterRunStatus.QUEUED,
+            DagsterRunStatus.NOT_STARTED,
+            DagsterRunStatus.STARTING,
+            DagsterRunStatus.STARTED,
+        ]
+    )
+    for run in instance.get_runs(running):
+        partition = run.tags.get("dagster/partition")
+        for key in run.asset_selection or ():
+            busy.setdefault((key.to_user_string(), partition), f"run {run.run_id[:8]}")
+    return busy
+
+
+class sweep_lock:  # noqa: N801 - used as a context manager, like open()
+    """An exclusive lock on `$DAGSTER_HOME/lab/sweep.lock` from a sweep's planning until
+    its backfill is written (`release`), so two sweeps started together do not plan the
+    same partitions before either has submitted; the second then sees them in flight."""
+
+    def __init__(self, home: Path):
+        (home / "lab").mkdir(parents=True, exist_ok=True)
+        self._path = home / "lab" / "sweep.lock"
+        self._file = None
+
+    def __enter__(self) -> sweep_lock:
+        import fcntl
+
+        self._file = open(self._path, "a")  # noqa: SIM115 - closed by release()
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

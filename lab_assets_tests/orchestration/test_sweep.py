@@ -380,3 +380,48 @@ def test_gpu_pool_limit_comes_from_the_experiment(tmp_path):
 
     adapter = next(a for a in build_assets(exp, build_partitions(exp)) if a.key.path == ["adapter"])
     assert adapter.op.pool == "cpu"  # local compute: the `cpu` pool (GCE: `gpu`)
+
+
+def test_what_a_requested_backfill_will_build_is_in_flight_and_left_out_of_a_sweep(lab_copy):
+    """A second sweep (or one beside a UI backfill) must not plan what is already coming."""
+    from lab_assets.orchestration.backfill import submit_backfill
+    from lab_assets.orchestration.sweep import in_flight, sweep_targets
+
+    instance = lab_copy["instance"]
+    exp = edited_experiment(
+        lab_copy["tmp"],
+        "{method: dpo, task: arith, seed: 1}",
+        "{method: dpo, task: arith, seed: 1, learning_rate: 0.005}",
+    )
+    targets = sweep_targets(assess(exp, instance, store_for(exp, lab_copy)))
+    assert in_flight(instance) == {}
+    # no daemon serves this instance: the backfill stays REQUESTED, as one just written
+    backfill_id = submit_backfill(instance, exp, targets, "first sweep")
+    busy = in_flight(instance)
+    assert set(busy) == set(targets)
+    assert set(busy.values()) == {f"backfill {backfill_id}"}
+
+
+def test_the_sweep_lock_holds_a_second_sweep_until_the_first_releases(tmp_path):
+    import threading
+
+    from lab_assets.orchestration.sweep import sweep_lock
+
+    order: list[str] = []
+    first = sweep_lock(tmp_path)
+    first.__enter__()
+    second_in = threading.Event()
+
+    def second() -> None:
+        with sweep_lock(tmp_path):
+            order.append("second")
+            second_in.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not second_in.wait(0.5)  # blocked while the first holds it
+    order.append("first released")
+    first.release()
+    assert second_in.wait(30)
+    t.join()
+    assert order == ["first released", "second"]
