@@ -35,6 +35,14 @@ class IncompletePartitionError(StorageError):
     """A partition was asked for that storage does not hold complete."""
 
 
+class ConcurrentWriteError(StorageError):
+    """Another writer committed (or is committing) the same partition; this commit lost.
+
+    Its files were discarded and the partition holds the other writer's complete version:
+    re-run to replace it.
+    """
+
+
 # How hard a stored partition is checked against its manifest (`ArtifactStore.check`).
 CHEAP = "cheap"  # file list and sizes, stray files: stat calls only, safe every tick
 FULL = "full"  # and every file's sha256: reads every byte
