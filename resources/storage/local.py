@@ -58,7 +58,8 @@ class LocalArtifactStore(ArtifactStore):
     """A local directory tree. Writes stage in a sibling directory and swap in atomically."""
 
     #: How long a commit waits for the partition's lock (held by another committer's swap,
-    #: or by readers checking the files) before it gives up with `ConcurrentWriteError`.
+    #: or by readers checking the files), and a reader for a committer's swap, before
+    #: giving up with `ConcurrentWriteError`.
     lock_timeout_s: float = 120.0
 
     def _dir(self, asset: str, partition: str | None) -> Path:
@@ -83,7 +84,7 @@ class LocalArtifactStore(ArtifactStore):
         path = self._lock_path(asset, partition)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
             if not exclusive:
                 yield
@@ -91,25 +92,25 @@ class LocalArtifactStore(ArtifactStore):
             raise StorageError(
                 f"{self.uri(asset, partition)}: cannot create the lock file {path}: {e}"
             ) from e
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + self.lock_timeout_s
         try:
-            if exclusive:
-                deadline = time.monotonic() + self.lock_timeout_s
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise ConcurrentWriteError(
-                                f"{self.uri(asset, partition)}: another writer is committing "
-                                f"{asset}/{partition_dirname(partition)} (or a reader is "
-                                f"checking it) and held its lock {path} for over "
-                                f"{self.lock_timeout_s:g} s; this writer's files were "
-                                "discarded; try again"
-                            ) from None
-                        time.sleep(0.02)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ConcurrentWriteError(
+                            f"{self.uri(asset, partition)}: another writer is committing "
+                            f"{asset}/{partition_dirname(partition)}"
+                            + (" (or a reader is checking it)" if exclusive else "")
+                            + f" and has held its lock {path} for over "
+                            f"{self.lock_timeout_s:g} s"
+                            + ("; this writer's files were discarded" if exclusive else "")
+                            + "; try again"
+                        ) from None
+                    time.sleep(0.005 if not exclusive else 0.02)
             yield
         finally:
             os.close(fd)  # releases the lock

@@ -32,6 +32,7 @@ from google.cloud.storage.retry import (
 )
 
 from resources.remote.protocol import EMULATOR_ENV, make_storage_client
+from resources.storage.base import ConcurrentWriteError as BaseConcurrentWriteError
 from resources.storage.base import StorageError
 
 
@@ -39,8 +40,10 @@ class GCSError(StorageError):
     """A GCS call failed for good; the message names the bucket, the object and the cause."""
 
 
-class ConcurrentWriteError(GCSError):
-    """Another writer committed the same location first (a generation precondition failed)."""
+class ConcurrentWriteError(GCSError, BaseConcurrentWriteError):
+    """Another writer committed the same location first (a generation precondition failed).
+
+    Also a `resources.storage.base.ConcurrentWriteError`: one class to catch for both stores."""
 
 
 class ObjectGoneError(GCSError):
