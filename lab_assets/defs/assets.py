@@ -49,7 +49,11 @@ from lab_assets.names import (
 from lab_assets.orchestration.instance import pool_for
 from resources.io_manager import LabStorage
 from resources.model_cache import ModelCache
-from resources.remote.checkpointing import preemptible_training
+from resources.remote.checkpointing import (
+    discard_local_checkpoints,
+    local_checkpointing,
+    preemptible_training,
+)
 
 BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
 FEATURES_FILE = "features.parquet"
@@ -184,6 +188,11 @@ def _adapter_asset(
         run = exp.run(run_id)
         spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
         context.log.info(f"training {run_id} on {model_id}: {spec}")
+        # on a VM: the agent's checkpoints; locally: a durable directory of our own
+        identity = f"{spec}|{exp.model_fingerprint(model_id)}"
+        ckpt = preemptible_training() or local_checkpointing(
+            context.partition_key, identity, spec.steps
+        )
         with output_dir(ADAPTER) as out:
             result = train_adapter(
                 base_model,
@@ -191,7 +200,7 @@ def _adapter_asset(
                 spec,
                 log=context.log.info,
                 log_every_s=1.0,  # each line is an event in the run's log
-                **preemptible_training(),
+                **ckpt,
             )
         curve = [float(x) for x in result.loss_curve]
         meta = {
@@ -209,6 +218,7 @@ def _adapter_asset(
         }
         storage, key = context.resources.lab_storage, context.partition_key
         yield output_with_recipe(exp, storage, ADAPTER, key, out, meta)
+        discard_local_checkpoints(ckpt)  # the adapter is stored: nothing to resume
         yield manifest_check_result(storage, ADAPTER, key)
 
     return adapter

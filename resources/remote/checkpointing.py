@@ -9,16 +9,29 @@ and RNG state, and resumes from the newest complete checkpoint) and a callback
 that, once the flag is up, saves a checkpoint at the end of the current step and
 stops the worker. So at most the step in progress is lost to a preemption that
 gives the usual 30 s warning, and at most one checkpoint interval otherwise.
-Elsewhere (local runs) it returns nothing and training is unchanged.
+
+Local runs checkpoint too (``local_checkpointing``): into a directory that outlives the
+step's scratch (``$LAB_CHECKPOINT_ROOT``, else ``lab-checkpoints`` under the system temp
+dir), one per partition and training spec, every ``$LAB_CHECKPOINT_EVERY`` steps
+(default 100; a run no longer than that is not checkpointed: nothing to save). A run
+killed mid-training resumes from there when the partition is built again; the
+directory is deleted once the adapter is stored (``discard_local_checkpoints``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from resources.remote import preemption
-from resources.remote.protocol import CHECKPOINT_EVERY_ENV
+from resources.remote.protocol import CHECKPOINT_EVERY_ENV, LOCAL_CHECKPOINT_ROOT_ENV
+
+DEFAULT_LOCAL_EVERY = 100
 
 
 def preemptible_training() -> dict[str, Any]:
@@ -51,3 +64,27 @@ def checkpoint_on_preemption():
             return control
 
     return CheckpointOnPreemption()
+
+
+def local_checkpoint_root() -> Path:
+    root = os.environ.get(LOCAL_CHECKPOINT_ROOT_ENV)
+    return Path(root) if root else Path(tempfile.gettempdir()) / "lab-checkpoints"
+
+
+def local_checkpointing(partition: str, identity: str, steps: int) -> dict[str, Any]:
+    """`train_adapter` keyword arguments that checkpoint a local run durably, or {} when
+    the run is too short to checkpoint. `identity` names what is trained (its spec and
+    base model): another identity gets another directory, never a wrong resume."""
+    every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_LOCAL_EVERY)
+    if steps <= every:
+        return {}
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", partition)[:80]
+    tag = hashlib.sha256(f"{partition}\0{identity}".encode()).hexdigest()[:16]
+    return {"checkpoint_dir": local_checkpoint_root() / f"{safe}-{tag}", "checkpoint_every": every}
+
+
+def discard_local_checkpoints(kwargs: dict[str, Any]) -> None:
+    """After the adapter is stored: delete a local run's checkpoints (a VM's are the agent's)."""
+    ckpt = kwargs.get("checkpoint_dir")
+    if ckpt is not None and Path(ckpt).parent == local_checkpoint_root():
+        shutil.rmtree(ckpt, ignore_errors=True)

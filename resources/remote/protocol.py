@@ -24,6 +24,7 @@ SCRATCH_ENV = "LAB_SCRATCH_DIR"  # the one step's scratch directory
 SCRATCH_ROOT_ENV = "LAB_SCRATCH_ROOT"  # where workers' scratch directories are made
 CHECKPOINT_DIR_ENV = "LAB_CHECKPOINT_DIR"  # local checkpoints the agent mirrors to GCS
 CHECKPOINT_EVERY_ENV = "LAB_CHECKPOINT_EVERY"  # optimizer steps between checkpoints
+LOCAL_CHECKPOINT_ROOT_ENV = "LAB_CHECKPOINT_ROOT"  # local runs' checkpoints (kept until done)
 PREEMPTIBLE_ENV = "LAB_PREEMPTIBLE"  # "1": checkpoint and stop on SIGTERM
 LAUNCH_INFO_ENV = "LAB_GCE_LAUNCH_INFO"  # JSON: zone, machine type, ... of the VM
 EXPERIMENT_ENV = "LAB_EXPERIMENT"  # the experiment file
