@@ -140,17 +140,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 print(f"reconciled {len(recorded)} partitions from storage into {home}")
         statuses = assess(exp, instance, store, verify=args.verify)
         busy = in_flight(instance)
-        for st in statuses:
-            if st.state != FRESH and (st.asset, st.partition) in busy:
-                where = f"[{st.partition}]" if st.partition else ""
-                print(
-                    f"  already being rebuilt: {st.asset}{where} ({busy[(st.asset, st.partition)]})"
-                )
-        kept = [st for st in statuses if (st.asset, st.partition) not in busy]
-        skipped = len(statuses) - len(kept)
-        statuses = kept
+        coming = [st for st in statuses if st.state != FRESH and (st.asset, st.partition) in busy]
+        for st in coming:
+            where = f"[{st.partition}]" if st.partition else ""
+            print(f"  already being rebuilt: {st.asset}{where} ({busy[(st.asset, st.partition)]})")
+        statuses = [st for st in statuses if (st.asset, st.partition) not in busy]
         plan = plan_sweep(exp, statuses)
-        if not plan and skipped:
+        if not plan and coming:
             print(f"experiment {exp.name}: nothing else to launch; no runs launched")
             return 0
         if not plan:

@@ -45,9 +45,9 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
 from lab_assets.names import RUN_WORKER_TAG
+from resources.compute.local import procs
 
 RUN_WORKER_MODULE = "lab_assets.orchestration.run_worker"
-DEFAULT_IDLE_TIMEOUT_S = 600.0
 
 
 class WarmRunLauncher(RunLauncher, ConfigurableClass):
@@ -57,7 +57,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self,
         inst_data: ConfigurableClassData | None = None,
         warm: bool = True,
-        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        idle_timeout_s: float | None = None,  # None: $LAB_WARM_IDLE_TIMEOUT_S, else 600
     ):
         self._inst_data = inst_data
         self.warm = warm
@@ -71,11 +71,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     @classmethod
     def config_type(cls) -> dict:
-        from dagster import Field
+        from dagster import Field, Noneable
 
         return {
             "warm": Field(bool, is_required=False, default_value=True),
-            "idle_timeout_s": Field(float, is_required=False, default_value=DEFAULT_IDLE_TIMEOUT_S),
+            "idle_timeout_s": Field(Noneable(float), is_required=False, default_value=None),
         }
 
     @classmethod
@@ -100,7 +100,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         log_path = self._log_path(run.run_id)
         with open(log_path, "ab") as log:
             pid, how = self._start(run, args, log.fileno())
-        worker = {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid)}
+        worker = {"host": socket.gethostname(), "pid": pid, "start": procs.start_time(pid)}
         self._instance.add_run_tags(run.run_id, {RUN_WORKER_TAG: json.dumps(worker)})
         self._instance.report_engine_event(
             f"Run worker started ({how}, pid {pid}); its output: {log_path}", run
@@ -116,12 +116,19 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         def start() -> None:
             with contextlib.suppress(warm_server.WarmServerUnavailable, OSError):
                 warm_server.ensure_server(
-                    sys.executable, warm_server.DEFAULT_PRELOAD, self.idle_timeout_s
+                    sys.executable, warm_server.configured_preload(), self._idle_timeout_s()
                 )
 
         thread = threading.Thread(target=start, name="lab-warm-up", daemon=True)
         thread.start()
         return thread
+
+    def _idle_timeout_s(self) -> float:
+        from resources.compute.local import warm_server
+
+        if self.idle_timeout_s is not None:
+            return self.idle_timeout_s
+        return warm_server.configured_idle_timeout_s()
 
     def _warm_enabled(self) -> bool:
         return self.warm and sys.platform.startswith("linux")
@@ -140,8 +147,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             try:
                 pid, _ = warm_server.start_detached(
                     sys.executable,
-                    warm_server.DEFAULT_PRELOAD,
-                    self.idle_timeout_s,
+                    warm_server.configured_preload(),
+                    self._idle_timeout_s(),
                     request,
                     out_fd,
                 )
@@ -181,15 +188,9 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _alive(self, worker: dict) -> bool:
         self._reap()
         pid = int(worker["pid"])
-        if not os.path.isdir("/proc/self"):  # no procfs (macOS): the pid alone
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return process_start_time(pid) == worker.get("start") and not _zombie(pid)
+        if not os.path.isdir("/proc/self"):  # no procfs (macOS): no start time to compare
+            return procs.alive(pid)
+        return procs.start_time(pid) == worker.get("start") and procs.alive(pid)
 
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id)
@@ -229,22 +230,3 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             f"the run worker (pid {worker['pid']}) is gone; see {self._log_path(run.run_id)}",
             run_worker_id=str(worker["pid"]),
         )
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
-    fields = _stat_fields(pid)
-    return fields[19] if fields and len(fields) > 19 else None
-
-
-def _zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return not fields or fields[0] in ("Z", "X")

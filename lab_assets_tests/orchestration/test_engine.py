@@ -20,8 +20,8 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from lab_assets.names import RUN_WORKER_TAG
 from lab_assets.orchestration.daemon import daemon_serves
-from lab_assets.orchestration.run_launcher import process_start_time
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
+from resources.compute.local import procs
 
 
 def _instance(env):
@@ -246,7 +246,7 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_not_left_started(tmp_path
             for _ in range(5):  # a run may end on its own just before the kill: take another
                 victim = _started_adapter_run(proc, tmp_path)
                 worker = json.loads(victim.tags[RUN_WORKER_TAG])
-                if process_start_time(worker["pid"]) == worker["start"]:  # not a reused pid
+                if procs.start_time(worker["pid"]) == worker["start"]:  # not a reused pid
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker["pid"], signal.SIGKILL)
                 run = _wait_until_ended(victim.run_id)

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from resources.compute.local.procs import alive as proc_alive
 from resources.compute.local.warm_server import stop_servers
 from resources.remote.protocol import WARM_PRELOAD_ENV, WARM_SOCKET_DIR_ENV
-
-
-def _proc_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _own_socket_dir(extra_env: dict[str, str]):
@@ -37,7 +30,7 @@ def _own_socket_dir(extra_env: dict[str, str]):
                 os.environ[k] = v
         pids = stop_servers(directory)
         shutil.rmtree(directory, ignore_errors=True)
-        assert not [p for p in pids if _proc_alive(p)]
+        assert not [p for p in pids if proc_alive(p)]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +43,3 @@ def warm_server_dir():
 def light_server_dir():
     """A socket dir for one test, its server preloading only dagster (starts fast)."""
     yield from _own_socket_dir({WARM_PRELOAD_ENV: "dagster"})
-
-
-proc_alive = _proc_alive

@@ -46,12 +46,8 @@ from resources.remote.protocol import (
     SCRATCH_ENV,
     SCRATCH_ROOT_ENV,
     TORCH_THREADS_ENV,
-    WARM_IDLE_TIMEOUT_ENV,
-    WARM_PRELOAD_ENV,
     WARM_WORKERS_ENV,
 )
-
-DEFAULT_IDLE_TIMEOUT_S = 600.0
 
 
 class StepWorkerError(RuntimeError):
@@ -194,15 +190,12 @@ class LocalProcessStepLauncher(StepLauncher):
     def preload(self) -> tuple[str, ...]:
         if self.warm_preload is not None:
             return tuple(self.warm_preload)
-        env = os.environ.get(WARM_PRELOAD_ENV)
-        if env is not None:
-            return tuple(m.strip() for m in env.split(",") if m.strip())
-        return warm_server.DEFAULT_PRELOAD
+        return warm_server.configured_preload()
 
     def idle_timeout_s(self) -> float:
         if self.warm_idle_timeout_s is not None:
             return self.warm_idle_timeout_s
-        return float(os.environ.get(WARM_IDLE_TIMEOUT_ENV) or DEFAULT_IDLE_TIMEOUT_S)
+        return warm_server.configured_idle_timeout_s()
 
 
 def describe_exit(code: int | None) -> str:

@@ -33,8 +33,13 @@ import time
 from pathlib import Path
 
 import resources
+from resources.compute.local.procs import alive
 from resources.remote import fork_child, fork_server
-from resources.remote.protocol import WARM_SOCKET_DIR_ENV
+from resources.remote.protocol import (
+    WARM_IDLE_TIMEOUT_ENV,
+    WARM_PRELOAD_ENV,
+    WARM_SOCKET_DIR_ENV,
+)
 
 VERSION = "1"
 DEFAULT_PRELOAD = (
@@ -75,6 +80,23 @@ DEFAULT_PRELOAD = (
 _KEY_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "DATASETS_", "TORCH", "PYTORCH", "PYTHON", "XDG_CACHE")
 DEFAULT_START_TIMEOUT_S = 300.0
 REPLY_TIMEOUT_S = 60.0
+
+
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+
+
+def configured_preload() -> tuple[str, ...]:
+    """`$LAB_WARM_PRELOAD` (comma-separated modules), else `DEFAULT_PRELOAD`: the step
+    launcher and the run launcher share one server only if they agree on this."""
+    env = os.environ.get(WARM_PRELOAD_ENV)
+    if env is not None:
+        return tuple(m.strip() for m in env.split(",") if m.strip())
+    return DEFAULT_PRELOAD
+
+
+def configured_idle_timeout_s() -> float:
+    """`$LAB_WARM_IDLE_TIMEOUT_S`, else `DEFAULT_IDLE_TIMEOUT_S`."""
+    return float(os.environ.get(WARM_IDLE_TIMEOUT_ENV) or DEFAULT_IDLE_TIMEOUT_S)
 
 
 class WarmServerUnavailable(RuntimeError):
@@ -143,14 +165,6 @@ def ping(path: Path) -> dict:
     return reply
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @contextlib.contextmanager
 def _start_lock(path: Path):
     with open(path, "a") as f:
@@ -199,7 +213,7 @@ def _with_server(
         while True:
             with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
                 return (path, *_ask(path, request, fds))
-            if not _alive(pid):
+            if not alive(pid):
                 raise WarmServerUnavailable(
                     f"the warm worker server (pid {pid}) died while starting; "
                     f"the end of {log_path}:\n{_tail(log_path)}"
@@ -289,9 +303,9 @@ def stop_servers(directory: Path, timeout_s: float = 60.0) -> list[int]:
             pids.append(int(reply["pid"]))
     deadline = time.monotonic() + timeout_s
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
     return pids

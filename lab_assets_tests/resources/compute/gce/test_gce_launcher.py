@@ -91,7 +91,9 @@ def test_worker_crash_fails_the_step_with_its_output_and_deletes_the_vm(gce, gce
     with run_gce_job(gce_instance, mode="crash") as result:
         assert not result.success
         text = _failure_text(result)
-    assert "ended (exited with code 3)" in text and "worker pid" in text  # the VM's last output attached
+    assert (
+        "ended (exited with code 3)" in text and "worker pid" in text
+    )  # the VM's last output attached
     (body,) = _vm_of(gce, result.run_id)
     assert gce.find(body["name"]) is None
 
