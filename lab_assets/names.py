@@ -36,3 +36,4 @@ INVOCATION_TAG = "lab/invocation"  # which `lab` command submitted a backfill
 SWEEP_RUNS_TAG = "lab/sweep_runs"
 SWEEP_PLAN_TAG = "lab/sweep_plan"
 RUN_WORKER_TAG = "lab/run_worker"  # host, pid and start time of the run's worker process
+OWNER_TAG = "lab/owner"  # host, pid and start time of the `lab` process that submitted a backfill

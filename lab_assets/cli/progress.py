@@ -15,8 +15,24 @@ from tqdm import tqdm
 
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.orchestration.backfill import AssetPartition
-from lab_assets.orchestration.engine import run_backfill
+from lab_assets.orchestration.engine import interrupts_as_flag, run_backfill
+from lab_assets.orchestration.recovery import settle
 from lab_assets.orchestration.watch import IN_PROGRESS, run_failures
+
+
+def settle_leftovers(instance: DagsterInstance, store) -> bool:
+    """Settle what `lab` processes that died left behind (dead runs, an orphaned
+    backfill, scratch directories); False if Ctrl-C stopped the wait for its runs."""
+    with interrupts_as_flag() as stop:
+        settled = settle(instance, store, on_event=lambda m: print(f"recovery: {m}"), stop=stop)
+    if settled.still_running:
+        print(
+            "stopped waiting; still running (they finish on their own): "
+            + ", ".join(settled.still_running),
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def backfill_with_progress(

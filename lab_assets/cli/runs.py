@@ -14,7 +14,7 @@ import argparse
 import json
 
 from lab_assets.cli.common import add_command, add_experiment, check_storage
-from lab_assets.cli.progress import backfill_with_progress
+from lab_assets.cli.progress import backfill_with_progress, settle_leftovers
 from lab_assets.experiment.load import load_experiment
 from lab_assets.orchestration.instance import ensure_dagster_home
 
@@ -82,11 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
-    check_storage(exp)
+    if exp.placeholders:  # nothing real to probe yet: say what to set instead
+        storage = f"{exp.storage_root} (not probed: set {', '.join(exp.placeholders)} first)"
+    else:
+        check_storage(exp)
+        storage = f"{exp.storage_root} (writable: a probe was written and deleted)"
     home = ensure_dagster_home()
     print(f"{exp.path}: valid")
     print(f"  experiment   {exp.name}")
-    print(f"  storage      {exp.storage_root} (writable: a probe was written and deleted)")
+    print(f"  storage      {storage}")
     print(f"  compute      {exp.file.compute.kind}")
     print(f"  base models  {', '.join(exp.model_ids)}")
     print(f"  runs         {len(exp.runs)}: {', '.join(exp.run_ids)}")
@@ -102,11 +106,14 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from lab_assets.orchestration.backfill import every_partition
+    from resources.storage.open import open_store
 
     targets = every_partition(exp)
     print(f"experiment {exp.name}: {len(targets)} asset partitions into {exp.storage_root}")
     print(f"  Dagster instance {home} (`dagster dev` there shows the backfill and its runs)")
     with DagsterInstance.get() as instance:
+        if not settle_leftovers(instance, open_store(exp.storage_root, exp.name)):
+            return 130
         code = backfill_with_progress(instance, exp, targets, f"lab materialize: {exp.name}")
     if code == 0:
         _print_classification(exp)
@@ -134,6 +141,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     store = open_store(exp.storage_root, exp.name)
     lock = sweep_lock(home)  # held from planning until the backfill is written
     with lock, DagsterInstance.get() as instance:
+        if not args.dry_run and not settle_leftovers(instance, store):
+            return 130
         if not args.no_reconcile:
             recorded = reconcile(exp, instance, store)
             if recorded:
@@ -202,7 +211,37 @@ def _print_classification(exp) -> None:
     results = json.loads(
         (store.local_path("classification_results", None) / "results.json").read_text()
     )
-    for target, r in results.items():
-        ci = f" (95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f})" if "ci_low" in r else ""
-        p = f", permutation p={r['p_value']:.3f}" if "p_value" in r else ""
-        print(f"  {target:7s} accuracy {r['accuracy']:.3f}{ci} vs chance {r['chance']:.3f}{p}")
+    print_results(results)
+
+
+def _acc(r: dict) -> str:
+    if "accuracy" not in r:
+        return f"n/a ({r.get('error', 'not run')})"
+    return (
+        f"{r['accuracy']:.3f} (95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f}, p={r['p_value']:.3f})"
+    )
+
+
+def print_results(results: dict) -> None:
+    """The headline (scale-free features), its controls and the control arms, as text."""
+    if "feature_sets" not in results:  # results of the code before controls existed
+        for target, r in results.items():
+            print(f"  {target:7s} accuracy {_acc(r)} vs chance {r['chance']:.3f}")
+        return
+    print(
+        f"  headline: {results['headline_feature_set']} features; p-value floor "
+        f"{results['p_value_floor']:.4f} ({results['n_permutations']} permutations)"
+    )
+    for target in ("method", "task"):
+        r, sets = results[target], results["feature_sets"][target]
+        print(f"  {target:7s} accuracy {_acc(r)} vs chance {r['chance']:.3f}")
+        for name in ("all", "norm_only", "random_delta"):
+            print(f"    control {name:13s} {_acc(sets[name])}")
+        print(f"    {results['verdicts'][target]['statement']}")
+    for arm, comp in results.get("control_arms", {}).items():
+        norms = ", ".join(f"{k} {v:.2f}" for k, v in comp["median_total_fro_norm"].items())
+        print(f"  control arm {arm}: {comp['question']} (median ‖ΔW‖_F: {norms})")
+        for name, r in comp["feature_sets"].items():
+            print(f"    {name:13s} {_acc(r)}")
+        if "task_scale_free" in comp:
+            print(f"    task among them, scale-free: {_acc(comp['task_scale_free'])}")

@@ -27,6 +27,7 @@ from lab_assets.names import (
     INVOCATION_TAG,
     SPECTRAL_FEATURES,
 )
+from lab_assets.orchestration.recovery import owner_tags
 
 AssetPartition = tuple[str, str | None]
 
@@ -71,7 +72,7 @@ def submit_backfill(
     backfill = PartitionBackfill.from_asset_graph_subset(
         backfill_id=make_new_backfill_id(),
         backfill_timestamp=time.time(),
-        tags={INVOCATION_TAG: title.split(":", 1)[0], **(tags or {})},
+        tags={INVOCATION_TAG: title.split(":", 1)[0], **owner_tags(), **(tags or {})},
         dynamic_partitions_store=instance,
         asset_graph_subset=asset_graph_subset(exp, targets),
         title=title,

@@ -27,6 +27,13 @@ def _exit_with_parent(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        try:  # its last heartbeat must not pass for a live daemon to the next `lab`
+            from dagster import DagsterInstance
+
+            with DagsterInstance.get() as instance:
+                instance.wipe_daemon_heartbeats()
+        except Exception:
+            pass  # the next `lab` then waits out the heartbeat tolerance and starts its own
         os.killpg(os.getpgrp(), signal.SIGTERM)  # the daemon and its code server
 
     threading.Thread(target=watch, name="lab-parent-watch", daemon=True).start()

@@ -24,6 +24,7 @@ from lab_assets.orchestration.backfill import AssetPartition, submit_backfill
 from lab_assets.orchestration.daemon import daemon_for, daemon_serves
 from lab_assets.orchestration.instance import set_pool_limits
 from lab_assets.orchestration.watch import (
+    DaemonGone,
     Interrupted,
     Progress,
     cancel_backfill,
@@ -52,7 +53,7 @@ class BackfillResult:
 
 
 @contextmanager
-def _interrupts_as_flag() -> Iterator[threading.Event]:
+def interrupts_as_flag() -> Iterator[threading.Event]:
     """SIGINT and SIGTERM set a flag for the block (the previous handlers come back after)."""
     stop = threading.Event()
 
@@ -86,26 +87,42 @@ def run_backfill(
     # (not under $DAGSTER_HOME/logs: the daemon empties that folder when it starts)
     log = Path(instance.root_directory) / "lab" / "daemon.log"
     t0 = time.perf_counter()
-    with daemon_for(instance, exp, log) as started:
-        on_event("daemon: started for this command" if started else "daemon: using the one running")
-        backfill_id = submit_backfill(instance, exp, targets, title, tags, run_config)
-        if on_submitted is not None:
-            on_submitted(backfill_id)
-        on_event(f"backfill {backfill_id}: {len(targets)} asset partitions ({title})")
-        with _interrupts_as_flag() as stop:
-            try:
-                progress = wait_for_backfill(
-                    instance,
-                    backfill_id,
-                    len(targets),
-                    on_progress,
-                    daemon_alive=lambda: daemon_serves(instance),
-                    stop=stop,
-                )
-                canceled = None
-            except Interrupted:
-                on_event("interrupted: canceling the backfill and its runs ...")
-                canceled = cancel_backfill(instance, backfill_id)
-                progress = snapshot(instance, backfill_id, len(targets))
-                on_progress(progress)
-    return BackfillResult(backfill_id, progress, time.perf_counter() - t0, started, canceled)
+    backfill_id: str | None = None
+    started_any = False
+    while True:
+        with daemon_for(instance, exp, log) as started:
+            started_any = started_any or started
+            on_event(
+                "daemon: started for this command" if started else "daemon: using the one running"
+            )
+            if backfill_id is None:
+                backfill_id = submit_backfill(instance, exp, targets, title, tags, run_config)
+                if on_submitted is not None:
+                    on_submitted(backfill_id)
+                on_event(f"backfill {backfill_id}: {len(targets)} asset partitions ({title})")
+            with interrupts_as_flag() as stop:
+                try:
+                    progress = wait_for_backfill(
+                        instance,
+                        backfill_id,
+                        len(targets),
+                        on_progress,
+                        daemon_alive=lambda: daemon_serves(instance),
+                        stop=stop,
+                    )
+                    canceled = None
+                except DaemonGone:
+                    if started:
+                        raise  # ours died: its log says why (daemon.log)
+                    # Someone else's daemon stopped (`dagster dev` closed, or the heartbeat
+                    # of a `lab` that was killed): serve the backfill with one of our own.
+                    on_event("daemon: the one in use stopped; starting one for this command")
+                    continue
+                except Interrupted:
+                    on_event("interrupted: canceling the backfill and its runs ...")
+                    canceled = cancel_backfill(instance, backfill_id)
+                    progress = snapshot(instance, backfill_id, len(targets))
+                    on_progress(progress)
+        return BackfillResult(
+            backfill_id, progress, time.perf_counter() - t0, started_any, canceled
+        )

@@ -95,6 +95,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while following a backfill."""
 
 
+class DaemonGone(RuntimeError):
+    """No daemon serves the instance any more (its heartbeat stopped)."""
+
+
 def wait_for_backfill(
     instance: DagsterInstance,
     backfill_id: str,
@@ -119,7 +123,7 @@ def wait_for_backfill(
         if progress.finished and not progress.count(*IN_PROGRESS):
             return progress
         if not daemon_alive():
-            raise RuntimeError(
+            raise DaemonGone(
                 "no Dagster daemon serves this instance any more (its heartbeat stopped); "
                 f"backfill {backfill_id} is left as it is: start `dagster dev` or rerun `lab`"
             )

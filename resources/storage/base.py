@@ -235,6 +235,11 @@ class ArtifactStore(ABC):
         file is hashed once, not on every read.
         """
 
+    def remove_leftovers(self) -> list:
+        """Delete what a writer that died mid-commit left beside the partitions; returns it.
+        (Nothing to do where a commit leaves nothing behind, e.g. GCS.)"""
+        return []
+
     def is_complete(self, asset: str, partition: str | None) -> bool:
         return self.read_manifest(asset, partition) is not None
 

@@ -24,8 +24,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -126,7 +129,7 @@ class LocalArtifactStore(ArtifactStore):
         with self._locked(asset, partition, exclusive=False):
             seen = _read_text(target / MANIFEST_NAME)  # the version this commit replaces
         target.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:8]
+        token = f"{_HOST}.{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose: see remove_leftovers
         staging = target.parent / f".staging-{key}-{token}"
         old = target.parent / f".old-{key}-{token}"
         try:
@@ -181,6 +184,29 @@ class LocalArtifactStore(ArtifactStore):
                 f"{self.uri(asset, partition)}: partition is missing or incomplete (no manifest)"
             )
         return self._dir(asset, partition)
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete staging and old directories left by a committer that died mid-commit
+        (SIGKILL between its copy and its cleanup); returns them. One of a live process
+        (or of another host, on a shared filesystem) is left alone unless it is old."""
+        removed: list[Path] = []
+        base = Path(self.root) / self.experiment
+        if not base.is_dir():
+            return removed
+        for asset_dir in (p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for d in asset_dir.glob(".*"):
+                if not d.name.startswith((".staging-", ".old-")) or not d.is_dir():
+                    continue
+                m = _TOKEN.search(d.name)
+                mine = m is not None and m.group(1) == _HOST
+                try:
+                    old = time.time() - d.stat().st_mtime > _LEFTOVER_AGE_S
+                except OSError:
+                    continue
+                if (mine and not _pid_alive(int(m.group(2)))) or old:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
 
     def list_partitions(self, asset: str) -> list[str]:
         base = Path(self.root) / self.experiment / asset
@@ -238,6 +264,28 @@ class LocalArtifactStore(ArtifactStore):
                     raise IntegrityError(asset, partition, str(d), problems)
             # A commit replaced the partition while it was checked: check the new one.
         raise IntegrityError(asset, partition, str(d), problems)
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TOKEN = re.compile(r"-([0-9a-f]{8})\.(\d+)-[0-9a-f]{8}$")  # host hash, pid, random
+_LEFTOVER_AGE_S = 24 * 3600.0  # another host's (or an unnamed) leftover counts as dead by then
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _write_atomic(path: Path, text: str) -> None:

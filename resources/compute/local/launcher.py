@@ -39,12 +39,12 @@ from dagster._core.execution.context.system import StepExecutionContext
 from dagster._core.execution.plan.external_step import step_context_to_step_run_ref
 
 from resources.compute.events import LocalEventTail, is_terminal
+from resources.compute.local import scratch as scratch_dirs
 from resources.compute.local import warm_server
 from resources.compute.local.workers import ColdWorker, WarmWorker
 from resources.remote.protocol import (
     CONCURRENT_WORKERS_ENV,
     SCRATCH_ENV,
-    SCRATCH_ROOT_ENV,
     TORCH_THREADS_ENV,
     WARM_WORKERS_ENV,
 )
@@ -79,10 +79,11 @@ class LocalProcessStepLauncher(StepLauncher):
 
     def launch_step(self, step_context: StepExecutionContext) -> Iterator[DagsterEvent]:
         step_run_ref = step_context_to_step_run_ref(step_context)
-        root = Path(self.scratch_root or os.environ.get(SCRATCH_ROOT_ENV) or tempfile.gettempdir())
+        root = Path(self.scratch_root) if self.scratch_root else scratch_dirs.default_root()
         root.mkdir(parents=True, exist_ok=True)
         run_id = step_context.dagster_run.run_id
-        scratch = Path(tempfile.mkdtemp(prefix=f"lab-{run_id[:8]}-", dir=root))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{scratch_dirs.PREFIX}{run_id[:8]}-", dir=root))
+        scratch_dirs.claim(scratch)  # so the next `lab` can remove it if this process dies
         worker: ColdWorker | WarmWorker | None = None
         step_context.log.info(f"launching {step_run_ref.step_key} in a local worker ({scratch})")
         try:
