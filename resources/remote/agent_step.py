@@ -138,6 +138,8 @@ class StepAgent:
                 tail.flush()
                 self.logs.flush()
                 now = time.time()
+                if ckpt is not None and (name := ckpt.serve_request()):
+                    self.log(f"checkpoint {name} durable in GCS (the step waited for it)")
                 if ckpt is not None and now - last_ckpt >= ckpt_every:
                     for name in ckpt.upload():
                         self.log(f"checkpoint {name} uploaded")

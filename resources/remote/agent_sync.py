@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resources.remote.protocol import chunk_name
+from resources.remote.protocol import SYNC_DONE, SYNC_REQUEST, chunk_name
 
 
 class ChunkStream:
@@ -145,6 +145,23 @@ class CheckpointSync:
             got.append(top)
         return got
 
+    def serve_request(self) -> str | None:
+        """If the step asked for a checkpoint to be made durable (`SYNC_REQUEST`), upload
+        what is complete and answer (`SYNC_DONE`); returns the checkpoint's name, if any."""
+        request = self.local / SYNC_REQUEST
+        try:
+            name = request.read_text().strip()
+        except FileNotFoundError:
+            return None
+        done = self.local / SYNC_DONE
+        if not name or (done.is_file() and done.read_text().strip() == name):
+            return None
+        self.upload()
+        tmp = done.with_name(done.name + ".tmp")
+        tmp.write_text(name)
+        tmp.replace(done)
+        return name
+
     def upload(self) -> list[str]:
         """Upload checkpoints completed since the last call; returns their names."""
         with self._lock:
@@ -152,7 +169,8 @@ class CheckpointSync:
                 return []
             done = []
             present = set()
-            for f in sorted(p for p in self.local.iterdir() if p.is_file()):
+            top = (p for p in self.local.iterdir() if p.is_file() and not p.name.startswith("."))
+            for f in sorted(top):
                 key = _file_key(f)
                 if self._synced.get(f"/{f.name}") != key:
                     name = f"{self.prefix}/{f.name}"

@@ -7,8 +7,10 @@ a flag. ``preemptible_training()`` gives ``train_adapter`` that directory (so th
 HF Trainer checkpoints every ``checkpoint_every`` steps, with optimizer, scheduler
 and RNG state, and resumes from the newest complete checkpoint) and a callback
 that, once the flag is up, saves a checkpoint at the end of the current step and
-stops the worker. So at most the step in progress is lost to a preemption that
-gives the usual 30 s warning, and at most one checkpoint interval otherwise.
+stops the worker. Each checkpoint counts only once it is durable: after writing one
+the step waits until the agent has uploaded it (``durable_checkpoints``). So at most
+the step in progress is lost to a preemption that gives the usual 30 s warning, and
+at most one checkpoint interval to a VM lost without warning.
 
 Local runs checkpoint too (``local_checkpointing``): into a directory that outlives the
 step's scratch (``$LAB_CHECKPOINT_ROOT``, else ``lab-checkpoints`` under the system temp
@@ -25,11 +27,18 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from resources.remote import preemption
-from resources.remote.protocol import CHECKPOINT_EVERY_ENV, LOCAL_CHECKPOINT_ROOT_ENV
+from resources.remote.protocol import (
+    CHECKPOINT_EVERY_ENV,
+    CHECKPOINT_SYNC_TIMEOUT_ENV,
+    LOCAL_CHECKPOINT_ROOT_ENV,
+    SYNC_DONE,
+    SYNC_REQUEST,
+)
 
 DEFAULT_LOCAL_EVERY = 100
 
@@ -42,8 +51,48 @@ def preemptible_training() -> dict[str, Any]:
     return {
         "checkpoint_dir": ckpt,
         "checkpoint_every": int(os.environ.get(CHECKPOINT_EVERY_ENV) or 10),
-        "extra_callbacks": [checkpoint_on_preemption()],
+        "extra_callbacks": [durable_checkpoints(ckpt), checkpoint_on_preemption()],
     }
+
+
+def wait_until_durable(ckpt: Path, name: str, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Ask the agent to upload checkpoint `name` now and wait for its answer (True), or
+    give up after `timeout_s` (False: training goes on; the periodic sync still runs)."""
+    request = ckpt / SYNC_REQUEST
+    tmp = request.with_name(request.name + ".tmp")
+    tmp.write_text(name)
+    tmp.replace(request)
+    done = ckpt / SYNC_DONE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if done.read_text().strip() == name:
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(poll_s)
+    return False
+
+
+def durable_checkpoints(ckpt: Path):
+    """A `TrainerCallback`: after each checkpoint is written, wait until the agent has it
+    in GCS. Training never runs past a checkpoint interval on a checkpoint that exists
+    only on the VM's disk, so a VM lost without warning costs at most one interval."""
+    from transformers import TrainerCallback
+
+    timeout_s = float(os.environ.get(CHECKPOINT_SYNC_TIMEOUT_ENV) or 600)
+
+    class DurableCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            name = f"checkpoint-{state.global_step}"  # the HF Trainer's folder name
+            t0 = time.monotonic()
+            if wait_until_durable(ckpt, name, timeout_s):
+                print(f"{name} durable in {time.monotonic() - t0:.1f} s", flush=True)
+            else:
+                print(f"{name}: not confirmed in GCS after {timeout_s:g} s; going on", flush=True)
+            return control
+
+    return DurableCheckpoints()
 
 
 def checkpoint_on_preemption():

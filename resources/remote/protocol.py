@@ -68,6 +68,12 @@ BUNDLE_DIR = "bundle"
 STEP_RUN_REF = "step_run_ref.pkl"
 EXPERIMENT_FILE = "experiment.yaml"
 CHECKPOINTS_DIR = "checkpoints"
+# A checkpoint counts once it is in GCS: the step writes the checkpoint's name to
+# SYNC_REQUEST (in its checkpoint dir) and waits until the agent, having uploaded it,
+# writes the same name to SYNC_DONE. Dot-files: never uploaded as checkpoint content.
+SYNC_REQUEST = ".sync-request"
+SYNC_DONE = ".synced"
+CHECKPOINT_SYNC_TIMEOUT_ENV = "LAB_CHECKPOINT_SYNC_TIMEOUT_S"  # the step's wait (default 600)
 EVENTS_DIR = "events"
 LOGS_DIR = "logs"
 STATUS_FILE = "status.json"
