@@ -109,6 +109,7 @@ def run_backfill(
                         on_progress,
                         daemon_alive=lambda: daemon_serves(instance),
                         stop=stop,
+                        on_wait=on_event,
                     )
                     canceled = None
                 except DaemonGone:

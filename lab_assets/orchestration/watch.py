@@ -91,6 +91,43 @@ def _latest_step_line(instance: DagsterInstance, run_id: str) -> str:
     return "starting"
 
 
+_HOLDING = (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING)
+
+
+def pool_wait(instance: DagsterInstance, backfill_id: str, runs: list[DagsterRun]) -> str | None:
+    """Why this backfill's queued runs wait, when runs outside it hold their pool: one line
+    naming the pool, its limit and the runs holding it; None when nothing outside does."""
+    queued = [r for r in runs if r.status == DagsterRunStatus.QUEUED]
+    pools = sorted({p for r in queued for p in _pools(r)})
+    if not pools:
+        return None
+    limits = {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()}
+    holding = list(instance.get_runs(RunsFilter(statuses=list(_HOLDING))))
+    out = []
+    for pool in pools:
+        holders = [r for r in holding if pool in _pools(r)]
+        others = [r for r in holders if r.tags.get(BACKFILL_ID_TAG) != backfill_id]
+        limit = limits.get(pool)
+        if not others or limit is None or len(holders) < limit:
+            continue
+        names = ", ".join(
+            f"run {r.run_id[:8]} [{r.tags.get(PARTITION_NAME_TAG, '-')}]"
+            + (f" of backfill {r.tags[BACKFILL_ID_TAG]}" if BACKFILL_ID_TAG in r.tags else "")
+            for r in others[:4]
+        )
+        more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+        out.append(
+            f"waiting for pool '{pool}': {len(holders)}/{limit} slots held, "
+            f"{len(others)} by runs outside this backfill ({names}{more}); Ctrl-C stops"
+        )
+    return "; ".join(out) or None
+
+
+def _pools(run: DagsterRun) -> set[str]:
+    roc = run.run_op_concurrency
+    return set(roc.all_pools or roc.root_key_counts) if roc is not None else set()
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while following a backfill."""
 
@@ -107,19 +144,30 @@ def wait_for_backfill(
     poll_s: float = 1.0,
     daemon_alive: Callable[[], bool] = lambda: True,
     stop: threading.Event | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    wait_check_s: float = 10.0,
 ) -> Progress:
     """Poll until the backfill ends.
+
+    `on_wait` hears, when it changes, why queued runs wait on a pool held by others.
 
     `daemon_alive` going False stops the wait with an error; `stop` being set (by a
     signal handler) raises `Interrupted`. A flag, not a `KeyboardInterrupt` raised
     wherever the signal lands: library code on the way (database calls) must not be
     able to swallow it.
     """
+    said, checked = None, 0.0
     while True:
         if stop is not None and stop.is_set():
             raise Interrupted
         progress = snapshot(instance, backfill_id, total)
         on_progress(progress)
+        if on_wait is not None and time.monotonic() - checked >= wait_check_s:
+            checked = time.monotonic()
+            why = pool_wait(instance, backfill_id, progress.runs)
+            if why and why != said:
+                on_wait(why)
+            said = why
         if progress.finished and not progress.count(*IN_PROGRESS):
             return progress
         if not daemon_alive():
