@@ -153,7 +153,8 @@ class Fault:
 
     action: an HTTP status (503, 429, 403...) answered by the proxy; "drop" closes the
     connection without forwarding; "lose" forwards, then closes without answering;
-    "delay" sleeps `seconds` and forwards.
+    "delay" sleeps `seconds` and forwards; "corrupt" forwards and flips one byte of the
+    answer's body (same length: a bit flipped in flight).
     """
 
     action: int | str
@@ -262,6 +263,9 @@ class FaultProxy:
                     proxy.log.append((req.method, req.path, 0))
                     self.close_connection = True
                     return
+                if fault is not None and fault.action == "corrupt" and body:
+                    i = len(body) // 2
+                    body = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1 :]
                 proxy.log.append((req.method, req.path, status))
                 self.send_response(status)
                 for k, v in headers:

@@ -14,6 +14,7 @@ import pytest
 from dagster import AssetKey, StaticPartitionsDefinition, build_input_context
 
 import resources.storage.integrity as integrity
+from lab_assets_tests.fakes.gcs_emulator import FaultProxy
 from lab_assets_tests.resources.storage.test_gcs_store import (  # noqa: F401 (fixture)
     emulator,
     make_store,
@@ -208,3 +209,51 @@ def test_gcs_cached_copy_modified_after_download_is_caught(emulator, tmp_path, h
     # server-side checks: cheap lists objects, full also hashes a copy
     assert store.check("adapter", PART) == []
     assert store.check("adapter", PART, level=FULL) == []
+
+
+# -- GCS: corruption in transfer, and objects overwritten outside the lab -----------------
+
+
+def _weights_get(r) -> bool:
+    return r.method == "GET" and "alt=media" in r.path and WEIGHTS in r.path
+
+
+def test_gcs_a_download_corrupted_in_transfer_once_is_downloaded_again(emulator, tmp_path):  # noqa: F811
+    with FaultProxy(emulator.url) as proxy:
+        store = make_store(proxy.url, tmp_path.name, tmp_path / "gcs-cache")
+        store.commit("adapter", PART, write_tree(tmp_path / "src", FILES))
+        proxy.add("corrupt", times=1, match=_weights_get)
+        path = store.verified_path("adapter", PART)
+        assert proxy.injected == 1  # one flipped byte in flight ...
+        assert read_tree(path) == FILES  # ... and the copy used is the intact second download
+        gets = [p for m, p, _ in proxy.log if m == "GET" and "alt=media" in p and WEIGHTS in p]
+        assert len(gets) == 2
+
+
+def test_gcs_a_download_corrupt_every_time_is_an_integrity_error(emulator, tmp_path):  # noqa: F811
+    with FaultProxy(emulator.url) as proxy:
+        store = make_store(proxy.url, tmp_path.name, tmp_path / "gcs-cache")
+        store.commit("adapter", PART, write_tree(tmp_path / "src", FILES))
+        proxy.add("corrupt", match=_weights_get)
+        with pytest.raises(IntegrityError) as e:
+            store.verified_path("adapter", PART)
+        assert e.value.asset == "adapter" and e.value.partition == PART
+        assert WEIGHTS in str(e.value) and "4 downloads" in str(e.value.__cause__)
+        assert proxy.injected == 4
+        assert [p.path.endswith(WEIGHTS) for p in e.value.problems] == [True]
+
+
+def test_gcs_an_object_overwritten_outside_the_lab_is_corruption_not_a_race(emulator, tmp_path):  # noqa: F811
+    store = make_store(emulator.url, tmp_path.name, tmp_path / "gcs-cache")
+    store.commit("adapter", PART, write_tree(tmp_path / "src", FILES))
+    [obj] = [o for o in store.list_objects("adapter") if o.path.endswith(WEIGHTS)]
+    blob_name = f"{tmp_path.name}/exp/adapter/{obj.path}"
+    store.session.bucket(store.bucket).blob(blob_name).upload_from_string(b"x" * 50_000)
+    with pytest.raises(IntegrityError) as e:
+        store.verified_path("adapter", PART)
+    msg = str(e.value)
+    assert "overwritten or deleted outside the lab" in str(e.value.__cause__)
+    assert WEIGHTS in msg and "generation" in msg and "kept changing" not in msg
+    # the stored-data check (what the sweep and the asset check run) says the same
+    [problem] = store.check("adapter", PART)
+    assert problem.kind == "generation" and problem.path == WEIGHTS

@@ -50,6 +50,26 @@ class ObjectGoneError(GCSError):
     """An object the manifest names is gone: a newer commit replaced the partition."""
 
 
+class CorruptObjectError(GCSError):
+    """What was read does not match the manifest: corrupted in transfer (retried), or
+    stored corrupt or overwritten outside the lab (the partition needs rebuilding).
+    `problems` are `resources.storage.base.FileProblem`s, one per file at fault."""
+
+    def __init__(self, message: str, problems: list):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class DownloadCorruptError(CorruptObjectError):
+    """A downloaded file's checksum disagrees with the manifest (the client's crc32c check
+    or the lab's sha256 check)."""
+
+
+class ObjectOverwrittenError(CorruptObjectError):
+    """A committed object's pinned generation is gone while the manifest still names it:
+    overwritten or deleted outside the lab (a new commit would have a new manifest)."""
+
+
 def make_client(project: str | None = None, *, endpoint: str | None = None) -> storage.Client:
     """`protocol.make_storage_client`, with missing credentials as a `GCSError` saying what to do."""
     try:

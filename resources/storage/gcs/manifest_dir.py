@@ -64,11 +64,11 @@ from resources.storage.base import (
     FULL,
     MANIFEST_NAME,
     FileEntry,
+    FileProblem,
     IncompletePartitionError,
     Manifest,
     StorageError,
     iter_files,
-    verify_dir,
 )
 from resources.storage.gcs.cache import (
     cached_copy_ok,
@@ -79,8 +79,10 @@ from resources.storage.gcs.cache import (
 )
 from resources.storage.gcs.client import (
     ConcurrentWriteError,
+    DownloadCorruptError,
     GCSError,
     ObjectGoneError,
+    ObjectOverwrittenError,
     is_gcs_failure,
 )
 from resources.storage.gcs.session import (
@@ -186,8 +188,10 @@ class GCSManifestDir:
         dest: Path,
         only: Iterable[str] | None = None,
         progress: ProgressFn | None = None,
+        stamp_root: Path | None = None,
     ) -> None:
-        """Write the snapshot's files (or those named in `only`) under `dest`, sha256-checked."""
+        """Write the snapshot's files (or those named in `only`) under `dest`, sha256-checked
+        (`DownloadCorruptError` naming each file that does not match)."""
         wanted = set(only) if only is not None else None
         entries = [f for f in snap.manifest.files if wanted is None or f.path in wanted]
         items = [
@@ -200,9 +204,40 @@ class GCSManifestDir:
             for f in entries
         ]
         self.session.download(self.bucket, items, progress)
-        problems = verify_dir(dest, Manifest("", "", tuple(entries), 0.0), self.uri)
+        problems = check_dir(
+            dest,
+            Manifest("", "", tuple(entries), 0.0),
+            level=FULL,
+            trust_stamps=False,
+            stamp_root=stamp_root,
+        )
         if problems:
-            raise GCSError("downloaded files do not match the manifest: " + "; ".join(problems))
+            raise DownloadCorruptError(
+                f"{self.uri}: downloaded files do not match the manifest: "
+                + "; ".join(str(p) for p in problems),
+                problems,
+            )
+
+    def overwritten(self, snap: Snapshot, gone: ObjectGoneError) -> ObjectOverwrittenError:
+        """The error for objects whose pinned generation is gone under an unchanged manifest."""
+        stored = self.stored_objects(snap)
+        problems = []
+        for f in snap.manifest.files:
+            ref = snap.objects.get(f.path)
+            o = stored.get(f.path)
+            if o is None:
+                problems.append(FileProblem(f.path, "missing", expected=f.size))
+            elif ref and ref.generation and o.generation != ref.generation:
+                problems.append(
+                    FileProblem(f.path, "generation", expected=ref.generation, found=o.generation)
+                )
+        return ObjectOverwrittenError(
+            f"{self.uri}: committed objects were overwritten or deleted outside the lab (the "
+            "manifest still names their old generations): "
+            + ("; ".join(str(p) for p in problems) or str(gone))
+            + "; the partition is corrupt: `lab sweep` rebuilds it",
+            problems,
+        )
 
     def local_copy(self, cache_dir: Path | None = None, *, attempts: int = 4) -> Path:
         """A verified local copy in the cache, downloaded unless an identical one is there.
@@ -213,6 +248,7 @@ class GCSManifestDir:
         """
         cache_root = cache_dir or default_cache_dir()
         base = cache_root / "gcs" / self.bucket / self.prefix
+        corrupt: DownloadCorruptError | None = None
         for _ in range(attempts):
             snap = self.read()
             if snap is None:
@@ -236,7 +272,7 @@ class GCSManifestDir:
             base.mkdir(parents=True, exist_ok=True)
             staging = base / f".tmp-{uuid.uuid4().hex[:12]}"
             try:
-                self.download(snap, staging)
+                self.download(snap, staging, stamp_root=cache_root)
                 write_verified_marker(staging, snap.manifest)
                 try:
                     staging.rename(target)
@@ -245,12 +281,23 @@ class GCSManifestDir:
                         shutil.rmtree(target, ignore_errors=True)
                         staging.rename(target)
             except ObjectGoneError as e:
+                now = self.read()
+                if now is not None and now.generation == snap.generation:
+                    raise self.overwritten(snap, e) from e  # no new commit: someone else
                 log.info("%s changed while reading (%s); reading the new manifest", self.uri, e)
+                continue
+            except DownloadCorruptError as e:
+                corrupt = e  # a flipped byte in flight, most likely: download it again
+                log.warning("%s: %s; downloading again", self.uri, e)
                 continue
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             prune_siblings(base, keep=target.name)
             return target
+        if corrupt is not None:
+            raise DownloadCorruptError(
+                f"{corrupt} (the same after {attempts} downloads: stored corrupt)", corrupt.problems
+            )
         raise GCSError(f"{self.uri}: the partition kept changing while being read; try again")
 
     def stored_objects(self, snap: Snapshot) -> dict[str, StoredObject]:

@@ -34,8 +34,11 @@ from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage import transfer_manager as tm
+from google.cloud.storage.exceptions import DataCorruption
 
+from resources.storage.base import FileProblem
 from resources.storage.gcs.client import (
+    DownloadCorruptError,
     GCSError,
     ObjectGoneError,
     if_generation_specified,
@@ -300,7 +303,7 @@ class GCSSession:
                     crc32c_checksum=True,
                 )
             except Exception as e:
-                if not is_gcs_failure(e):
+                if not (is_gcs_failure(e) or isinstance(e, DataCorruption)):
                     raise
                 raise self._download_error(e, bucket, name, gen) from e
             if progress:
@@ -309,6 +312,11 @@ class GCSSession:
     def _download_error(
         self, e: BaseException, bucket: str, name: str, gen: int | None
     ) -> GCSError:
+        if isinstance(e, DataCorruption):
+            return DownloadCorruptError(
+                f"gs://{bucket}/{name}: corrupted in transfer (crc32c mismatch)",
+                [FileProblem(name, "crc32c", found="mismatch in transfer")],
+            )
         if isinstance(e, gexc.NotFound) and self.bucket_exists(bucket):
             pinned = f" at generation {gen}" if gen else ""
             return ObjectGoneError(f"gs://{bucket}/{name}{pinned}: object is gone (404)")

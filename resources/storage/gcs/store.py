@@ -24,12 +24,14 @@ from resources.storage.base import (
     ArtifactStore,
     FileProblem,
     IncompletePartitionError,
+    IntegrityError,
     Manifest,
     StorageError,
     partition_dirname,
     verify_dir,
 )
 from resources.storage.gcs.cache import default_cache_dir
+from resources.storage.gcs.client import CorruptObjectError
 from resources.storage.gcs.manifest_dir import COMMIT_DIR_PREFIX, GCSManifestDir, Snapshot
 from resources.storage.gcs.session import GCSSession, ProgressFn, StoredObject
 from resources.storage.integrity import check_dir
@@ -145,7 +147,9 @@ class GCSArtifactStore(ArtifactStore):
             return problems
         try:
             path = d.local_copy(self.cache_dir)
-        except StorageError as e:  # e.g. a download that does not match its manifest
+        except CorruptObjectError as e:
+            return e.problems
+        except StorageError as e:
             return [FileProblem(MANIFEST_NAME, "error", found=str(e))]
         return check_dir(
             path,
@@ -156,8 +160,13 @@ class GCSArtifactStore(ArtifactStore):
         )
 
     def verified_path(self, asset: str, partition: str | None) -> Path:
-        """The cached copy: sha256-checked when downloaded, and when reused (see `local_copy`)."""
-        return self.directory(asset, partition).local_copy(self.cache_dir)
+        """The cached copy: sha256-checked when downloaded, and when reused (see `local_copy`).
+        Stored objects that do not match the manifest raise `IntegrityError`."""
+        d = self.directory(asset, partition)
+        try:
+            return d.local_copy(self.cache_dir)
+        except CorruptObjectError as e:
+            raise IntegrityError(asset, partition, d.uri, e.problems) from e
 
     # -- raw objects (streamed logs and other files written without a manifest) ----
 
