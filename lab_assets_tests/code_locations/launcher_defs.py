@@ -23,7 +23,7 @@ from resources.remote.protocol import SCRATCH_ENV
 
 
 class WorkConfig(Config):
-    mode: str = "ok"  # ok | fail | crash | sigkill | hang | handshake | torch
+    mode: str = "ok"  # ok | fail | crash | sigkill | sigterm | hang | handshake | torch
     handshake_dir: str = ""
 
 
@@ -41,6 +41,9 @@ def remote_work(context: AssetExecutionContext, config: WorkConfig):
         os._exit(3)
     if config.mode == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if config.mode == "sigterm":  # what a terminated run's launcher (or systemd) sends
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the interrupt lands here
     if config.mode == "hang":
         _hang(scratch, config.handshake_dir)
     if config.mode == "torch":

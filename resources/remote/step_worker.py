@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -46,11 +47,48 @@ def limit_torch_threads() -> int | None:
     return n
 
 
+_ended_by: list[str] = []  # the signal that interrupted the step, once one has
+
+
+def name_termination_signals() -> None:
+    """Say which signal interrupted the step: Dagster turns SIGTERM into a bare
+    `DagsterExecutionInterruptedError`, whose failure would otherwise not say that a
+    signal ended the worker, nor which. (Main thread only; not under preemption, where
+    SIGTERM means "checkpoint and stop" instead.)"""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+    from dagster._utils import interrupts
+
+    def on_signal(signo, frame):
+        name = signal.Signals(signo).name
+        if not _ended_by:
+            _ended_by.append(name)
+        print(f"step worker: received {name}; interrupting the step", file=sys.stderr, flush=True)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signo, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def setup() -> None:  # Dagster calls this whenever it swaps its SIGINT handler
+        signal.signal(signal.SIGTERM, on_signal)
+
+    plain_str = DagsterExecutionInterruptedError.__str__
+
+    def described(self) -> str:
+        text = plain_str(self)
+        return text or (f"step worker ended by {_ended_by[0]}" if _ended_by else text)
+
+    DagsterExecutionInterruptedError.__str__ = described
+    interrupts.setup_interrupt_handlers = setup
+    setup()
+
+
 def run_step(step_run_ref_path: str | Path, events_path: str | Path) -> None:
     """Execute the referenced step; every event is appended to `events_path` as it happens."""
     # On a spot VM (the GCE agent sets LAB_PREEMPTIBLE=1) SIGTERM becomes a flag that
     # training code checks to checkpoint and stop (resources/remote/preemption.py).
-    preemption.install_if_preemptible()
+    if not preemption.install_if_preemptible():
+        name_termination_signals()
     limit_torch_threads()
     with open(step_run_ref_path, "rb") as f:
         step_run_ref = pickle.load(f)

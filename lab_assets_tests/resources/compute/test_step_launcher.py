@@ -104,6 +104,14 @@ def test_worker_crash_fails_the_step_with_its_output_and_spares_the_server(
         assert _worker_pids(_messages(instance, result.run_id))[1] == server
 
 
+def test_a_signal_that_ends_the_worker_is_named_in_the_failure(lab_env, instance):
+    with _run(instance, "sigterm") as result:
+        assert not result.success
+        err = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert "DagsterExecutionInterruptedError: step worker ended by SIGTERM" in err.to_string()
+    assert scratch_leftovers(lab_env["scratch"]) == []
+
+
 def test_events_are_relayed_while_the_step_runs(lab_env, instance, tmp_path):
     """The worker blocks until the test sees its log line in the host run: only a live relay
     lets it finish."""
