@@ -1,11 +1,13 @@
-"""A `lab` that dies mid-sweep leaves nothing that blocks or duplicates the next one.
+"""`lab` processes that die or run at the same time never block or duplicate each other.
 
+A `lab` that dies mid-sweep leaves nothing that blocks or duplicates the next one:
 `lab sweep` is SIGKILLed while adapters train (its daemon exits with it), and one of
 its run workers is SIGKILLed too (a run that can never end by itself); the other run
 worker, forked apart from `lab`, keeps going. The next `lab sweep` must: fail the
 dead run (nothing left STARTED, so no pool slot held), cancel the orphaned backfill,
 wait for the live run (its partition is kept, not trained twice), remove scratch and
-staging directories of dead processes, and build everything else.
+staging directories of dead processes, and build everything else. Two sweeps started
+together train each partition once.
 """
 
 from __future__ import annotations
@@ -134,3 +136,37 @@ def test_a_killed_lab_leaves_nothing_that_blocks_or_duplicates_the_next_sweep(tm
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_two_sweeps_started_together_train_each_partition_once(tmp_path):
+    """Two `lab sweep` processes on one storage root and one instance: the second waits
+    for the first to submit its backfill, finds every partition in flight and launches
+    nothing; each adapter is trained by exactly one run."""
+    env = {
+        **os.environ,
+        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
+        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
+    }
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "home").mkdir()
+    cmd = [sys.executable, "-m", "lab_assets.cli", "sweep"]
+    procs_ = [
+        subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900)[0] for p in procs_]
+    assert [p.returncode for p in procs_] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    assert sum("nothing else to launch" in o for o in outs) == 1, outs
+    with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}), DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        assert len(instance.get_backfills()) == 1
+    trained = Counter(
+        r.tags["dagster/partition"]
+        for r in runs
+        if any(k.to_user_string() == "adapter" for k in r.asset_selection or ())
+    )
+    assert len(trained) == 8 and set(trained.values()) == {1}, trained
