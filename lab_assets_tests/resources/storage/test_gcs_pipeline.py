@@ -128,6 +128,67 @@ def test_rematerialising_replaces_the_partition(emulator, tmp_path, monkeypatch)
     assert len(listed) == 3  # manifest + two files
 
 
+def _overwrite(store, asset_name: str, key: str, filename: str, edit) -> None:
+    """Replace one stored object outside the lab, as a careless `gsutil cp` would."""
+    [obj] = [o for o in store.list_objects(f"{asset_name}/{key}") if o.path.endswith(filename)]
+    blob = store.session.bucket(store.bucket).blob(f"{store._base}/{asset_name}/{key}/{obj.path}")
+    blob.upload_from_string(edit(blob.download_as_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("fault", "edit"),
+    [
+        ("flipped byte", lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:]),
+        ("truncation", lambda b: b[:100]),
+    ],
+)
+def test_a_corrupted_gcs_input_is_refused_found_by_the_check_and_rebuilt(
+    emulator, tmp_path, monkeypatch, fault, edit
+):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
+    root = f"gs://{BUCKET}/{tmp_path.name}"
+    resources = {
+        "io_manager": ArtifactIOManager(storage=LabStorage(root=root, experiment=EXPERIMENT))
+    }
+    assert materialize([weights], partition_key="m1", resources=resources).success
+    store = open_store(root, EXPERIMENT)
+    _overwrite(store, "weights", "m1", "w.safetensors", edit)
+
+    # Refused on read: the downstream step fails with an integrity error, not a parser's.
+    result = materialize(
+        [weights, stats],
+        selection=[stats],
+        partition_key="m1",
+        resources=resources,
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    text = failure.step_failure_data.error.to_string()
+    assert "IntegrityError" in text and "weights[m1]" in text and "w.safetensors" in text
+    assert "overwritten or deleted outside the lab" in text
+
+    # Found by the stored-data check (what `lab sweep` and the asset check run), cheaply.
+    [problem] = store.check("weights", "m1")
+    assert (problem.path, problem.kind) == ("w.safetensors", "generation")
+    # A stray object in the partition is reported too.
+    snap = store.snapshot("weights", "m1")
+    stray = f"{store._base}/weights/m1/{snap.commit}/notes.txt"
+    store.session.bucket(store.bucket).blob(stray).upload_from_string(b"by hand")
+    assert {(p.path, p.kind) for p in store.check("weights", "m1")} == {
+        ("w.safetensors", "generation"),
+        ("notes.txt", "stray"),
+    }
+
+    # Rebuilt: a new commit of the partition, and the downstream step reads it.
+    assert materialize([weights], partition_key="m1", resources=resources).success
+    assert store.check("weights", "m1") == []
+    assert materialize(
+        [weights, stats], selection=[stats], partition_key="m1", resources=resources
+    ).success
+
+
 @asset
 def chatty(context) -> None:
     print("hello from the step's stdout")
