@@ -300,7 +300,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file where a directory would be)
         return None
 
 
