@@ -4,18 +4,19 @@ The local step launcher deletes a step's scratch directory in its `finally`; a r
 process that is SIGKILLed (or a machine that loses power) never gets there. Each
 directory therefore holds ``owner.json`` naming the process that made it (host, pid,
 start time); ``remove_leaked`` deletes the ``lab-*`` directories under a scratch root
-whose owner is gone, and is called when the next `lab` starts. A directory with no
-owner file is only removed once it is old (it may be one being made right now).
+whose owner is gone, and is called when the next `lab` starts. Only directories named
+as the launcher names them (``lab-<run id prefix>-…``) that hold an owner file are
+ever touched: the scratch root may be the shared system temp directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 from resources.compute.local import procs
@@ -23,7 +24,7 @@ from resources.remote.protocol import SCRATCH_ROOT_ENV
 
 OWNER_FILE = "owner.json"
 PREFIX = "lab-"
-_UNOWNED_AGE_S = 3600.0
+_NAME = re.compile(r"^lab-[0-9a-f]{8}-[A-Za-z0-9_]+$")  # lab-<run id[:8]>-<mkdtemp suffix>
 
 
 def default_root() -> Path:
@@ -53,14 +54,12 @@ def remove_leaked(root: Path) -> list[Path]:
     if not root.is_dir():
         return removed
     for d in sorted(root.glob(f"{PREFIX}*")):
-        if not d.is_dir() or d.is_symlink():
+        if not _NAME.match(d.name) or d.is_symlink() or not d.is_dir():
             continue
         try:
             owner = json.loads((d / OWNER_FILE).read_text())
-            leaked = not _owner_alive(owner)
-        except FileNotFoundError:
-            leaked = time.time() - d.stat().st_mtime > _UNOWNED_AGE_S
-        except (OSError, ValueError):
+            leaked = isinstance(owner, dict) and not _owner_alive(owner)
+        except (OSError, ValueError):  # no owner file: not one of ours, or being made now
             continue
         if leaked:
             shutil.rmtree(d, ignore_errors=True)
