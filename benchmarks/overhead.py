@@ -2,8 +2,8 @@
 
 (a) plain: the project's own functions for every partition of the default experiment
     in one Python process (imports included): build and pre-train the base model, its
-    spectrum, then for every adapter `train_adapter` + `adapter_spectrum`, then the
-    classification.
+    spectrum, then for every adapter `train_adapter` + `evaluate_heldout` +
+    `adapter_spectrum`, then the classification with its controls.
 (b) lab: `lab materialize` of the same experiment as a subprocess, into a fresh
     Dagster instance and storage (the daemon it starts, the run queue, one run
     process per partition group, the step workers, the IO manager, manifests).
@@ -37,27 +37,37 @@ from lab_assets.experiment.load import load_experiment
 from lab_assets.ml.tiny_model import TinyModelSpec, build_tiny_model
 from lab_assets.ml.spectral import adapter_spectrum, compute_base_spectrum
 from lab_assets.ml.train import TrainSpec, train_adapter
-from lab_assets.ml.classify import classify, feature_matrix
+from lab_assets.ml.evaluate import evaluate_heldout
+from lab_assets.ml.controls import classify_with_controls
 exp = load_experiment({str(experiment)!r})
 work = Path({str(work)!r})
 frames = {{}}
+labels = {{}}
+sp = exp.file.spectrum
 for m in exp.file.base_models:
     base = work / m.id
     build_tiny_model(base, TinyModelSpec(**m.source.model_dump(exclude={{"kind"}})))
-    spectra = compute_base_spectrum(base, exp.target_modules(), exp.file.spectrum.top_k)
+    k, full = (sp.top_k, 1024) if sp.base_k is None else (max(sp.base_k, sp.top_k), 0)
+    spectra = compute_base_spectrum(base, exp.target_modules(), k, full_up_to=full)
     for run in exp.runs:
         out = work / m.id / run.id
-        spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
-        train_adapter(base, out, spec)
-        frames[f"{{m.id}}|{{run.id}}"] = adapter_spectrum(
-            out, base_dir=base, base_spectrum=spectra, top_k=exp.file.spectrum.top_k
+        spec = TrainSpec(
+            method=run.method, task=run.task, seed=run.seed,
+            shuffle_preferences=run.arm == "shuffled_preferences", **run.hyper.model_dump(),
         )
-X = feature_matrix(frames)
-labels = {{k: exp.run(k.split("|")[1]) for k in X.index}}
-for target in ("method", "task"):
-    y = pd.Series([getattr(labels[k], target) for k in X.index], index=X.index)
-    groups = pd.Series([f"{{k.split('|')[0]}}/s{{labels[k].seed}}" for k in X.index], index=X.index)
-    classify(X, y, groups=groups, n_permutations=exp.file.classification.n_permutations)
+        train_adapter(base, out, spec)
+        evaluate_heldout(base, out, run.method, run.task, dpo_beta=spec.dpo_beta)
+        key = f"{{m.id}}|{{run.id}}"
+        frames[key] = adapter_spectrum(
+            out, base_dir=base, base_spectrum=spectra, top_k=sp.top_k,
+            intruder_k=sp.intruder_k, intruder_threshold=sp.intruder_threshold,
+        )
+        labels[key] = {{"method": run.method, "task": run.task,
+                        "group": f"{{m.id}}/s{{run.seed}}", "arm": run.arm}}
+classify_with_controls(
+    frames, pd.DataFrame.from_dict(labels, orient="index"),
+    exp.file.classification.n_permutations,
+)
 print(time.perf_counter() - t0)
 """
     proc = subprocess.run(

@@ -75,9 +75,9 @@ def fake_gce(gcs_emulator):
 @pytest.fixture
 def gce(fake_gce):
     """The fake, with no faults left over from another test."""
-    fake_gce.clear_stockouts()
+    fake_gce.clear_faults()
     yield fake_gce
-    fake_gce.clear_stockouts()
+    fake_gce.clear_faults()
 
 
 @pytest.fixture

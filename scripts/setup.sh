@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the lab, pinned as in pyproject.toml.
 #   bash scripts/setup.sh          the lab (what `lab materialize` needs)
-#   bash scripts/setup.sh --test   also the test tools, and Debian's chromium for the UI test
+#   bash scripts/setup.sh --test   also the test tools, and Debian's chromium (the UI test)
+#                                  and postgresql (the team-instance test)
 # torch is installed first, pinned, so pip takes the CPU build and never a CUDA one.
 # Idempotent: re-running with an unchanged pyproject.toml returns at once.
 set -euo pipefail
@@ -15,12 +16,14 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "setup: needs Python 3.11 (got $("$PYTHON" --version 2>&1)); set PYTHON=python3.11" >&2
   exit 1
 fi
-if [ -n "$extras" ] && ! command -v chromium >/dev/null; then
-  # The browser test drives Debian's chromium through Playwright (never `playwright install`).
+if [ -n "$extras" ] && { ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; then
+  # The browser test drives Debian's chromium through Playwright (never `playwright install`);
+  # the team-instance test starts a real PostgreSQL server (scripts/local_postgres.sh).
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver \
+    postgresql >/dev/null
 fi
 hash="$(sha256sum pyproject.toml | cut -c1-16)"
 stamp=".venv/.installed$extras-$hash"

@@ -69,6 +69,7 @@ def check_storage(exp: Experiment) -> str:
     from resources.storage.base import StorageError
     from resources.storage.preflight import check_writable
 
+    exp.require_settings(f"writing to storage {exp.storage_root}")
     try:
         return check_writable(exp.storage_root, exp.name)
     except StorageError as e:

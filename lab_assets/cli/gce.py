@@ -1,9 +1,11 @@
 """`lab launch`, `lab vms`, `lab image`: the GCE side of the `lab` console script.
 
 - `lab launch --asset adapter --partition KEY [--zone Z] [--machine-type M] [--gpu-type G]
-  [--keep-vm] [--dry-run]`: materialise one partition on a GCE VM through Dagster;
-  with `--dry-run`, print (JSON, the Compute API's camelCase field names) the exact
-  body `instances.insert` would get, touching neither Compute Engine nor GCS.
+  [--keep-vm] [--dry-run [--body-out FILE]]`: materialise one partition on a GCE VM
+  through Dagster; with `--dry-run`, print the zones / machine types it would try with
+  their GPUs, $/h and worst case against the budget (cli/gce_dry_run.py), and with
+  `--body-out` write the exact `instances.insert` body (JSON, camelCase) to FILE,
+  touching neither Compute Engine nor GCS and needing no credentials.
 - `lab vms list` / `lab vms reap [--dry-run] [--max-age-h H]`: the experiment's lab
   VMs, and deleting those whose Dagster run has ended, kept ones past their time,
   and those older than the limit.
@@ -12,20 +14,22 @@
   the pre-baked image (see resources/compute/gce/images.py).
 
 Every command takes `--experiment FILE` (default `$LAB_EXPERIMENT`); the experiment's
-compute must be `gce`.
+compute must be `gce`. Without Google credentials a command that needs them prints one
+line saying how to get them (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from lab_assets.cli.common import add_command, add_experiment, build_tree, check_storage, run
+from lab_assets.cli.gce_dry_run import DRY_RUN_ID, dry_run_body, dry_run_table
 from lab_assets.defs.resources import gce_compute, gce_settings
 from lab_assets.experiment.load import load_experiment
 from lab_assets.experiment.resolved import Experiment
@@ -33,7 +37,12 @@ from lab_assets.experiment.schema import ExperimentError, HubSource
 
 # Assets whose step runs through the step launcher (the rest run in the plan process).
 LAUNCHED_ASSETS = {"adapter": "adapters_job"}
-DRY_RUN_ID = "dry-run"
+__all__ = ["DRY_RUN_ID", "dry_run_body", "gce_main", "image_manager", "register"]
+NO_CREDENTIALS = (
+    "lab: no Google Cloud credentials ({why}). Run `gcloud auth application-default login` "
+    "(or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file kept outside the "
+    "repository); `lab validate` and `lab launch --dry-run` need none."
+)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,61 +74,36 @@ def _check_target(exp: Experiment, asset: str, partition: str) -> None:
         raise ExperimentError(f"{partition!r} is not a partition of {asset}: {e}") from None
 
 
-def dry_run_body(exp: Experiment, asset: str, partition: str, **overrides: Any) -> dict:
-    """The instances.insert body a launch of (asset, partition) would send, without any API call.
+def _require_credentials() -> None:
+    """Application Default Credentials, or DefaultCredentialsError (one line at the CLI).
+    Nothing to check when the Compute API is a local fake (the tests)."""
+    from resources.compute.gce.api import ENDPOINT_ENV
 
-    The image is given as its family (``.../global/images/family/F``, which the API
-    accepts); a real launch resolves the family's newest image with
-    ``images.getFromFamily`` and falls back to the Deep Learning VM family.
-    """
-    from resources.compute.gce.costs import PriceMissing
-    from resources.compute.gce.step_vm import build_vm_spec, safe_step_key
-    from resources.compute.gce.vm_spec import build_instance, instance_json, vm_name
+    if os.environ.get(ENDPOINT_ENV, "").startswith("http://"):
+        return
+    import google.auth
 
-    _check_target(exp, asset, partition)
-    s = gce_settings(exp, **overrides)
-    placement = s.placements()[0]
-    try:
-        price: float | None = s.price(placement)
-    except PriceMissing:
-        price = None
-    name = vm_name(exp.name, DRY_RUN_ID, asset, 1)
-    spec = build_vm_spec(
-        s,
-        placement=placement,
-        name=name,
-        source_image=f"projects/{s.image_project or s.project}/global/images/family/{s.image_family}",
-        prebaked=True,
-        launch_uri=f"{s.staging}/_launches/{DRY_RUN_ID}/{safe_step_key(asset)}",
-        attempt=1,
-        run_id=DRY_RUN_ID,
-        step_key=asset,
-        partition=partition,
-        launch_info={
-            "vm_name": name,
-            "zone": placement.zone,
-            "machine_type": placement.machine_type,
-            "gpu_type": placement.gpu_type,
-            "gpu_count": placement.gpu_count,
-            "spot": s.spot,
-            "hourly_usd": price,
-            "preemptions": 0,
-            "previous_vm_seconds": 0.0,
-            "previous_cost_usd": 0.0,
-            "vm_started_at": 0.0,
-        },
-    )
-    return json.loads(instance_json(build_instance(spec)))
+    google.auth.default()
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
     gce_compute(exp)
-    if args.dry_run:
-        body = dry_run_body(exp, args.asset, args.partition, **_overrides(args))
-        print(json.dumps(body, indent=2))
-        return 0
     _check_target(exp, args.asset, args.partition)
+    if args.dry_run:
+        print(dry_run_table(exp, args.asset, args.partition, **_overrides(args)))
+        if args.body_out:
+            import json
+
+            body = dry_run_body(exp, args.asset, args.partition, **_overrides(args))
+            with open(args.body_out, "w") as f:
+                json.dump(body, f, indent=2)
+            print(f"wrote the instances.insert body to {args.body_out}")
+        return 0
+    if args.body_out:
+        raise ValueError("--body-out goes with --dry-run")
+    exp.require_settings("lab launch")
+    _require_credentials()
     check_storage(exp)
     from dagster import DagsterInstance
 
@@ -140,6 +124,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _api(exp: Experiment):
     from resources.compute.gce.api import ComputeApi
 
+    exp.require_settings("talking to Compute Engine")
     return ComputeApi(gce_compute(exp).project)
 
 
@@ -196,6 +181,9 @@ def image_manager(exp: Experiment, **changes: Any):
         f"{s.fallback_image_family}",
         boot_disk_gb=s.boot_disk_gb,
         service_account=s.service_account,
+        network=s.network,
+        subnetwork=s.subnetwork,
+        external_ip=s.external_ip,
         **changes,
     )
 
@@ -237,11 +225,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers,
         "launch",
-        purpose="Materialise one partition on a GCE VM (--dry-run: print the VM's body only).",
-        help="materialise one partition on a GCE VM; --dry-run prints the VM body",
+        purpose="Materialise one partition on a GCE VM (--dry-run: the plan and its cost only).",
+        help="materialise one partition on a GCE VM; --dry-run shows where and at what cost",
         examples=[
-            "lab launch --experiment my-gce.yaml --asset adapter "
-            "--partition 'tiny-llama|sft-arith-r8-s0' --dry-run",
+            "lab launch --experiment experiments/qwen2.5-3b-lora.yaml --asset adapter "
+            "--partition 'qwen2.5-3b|sft-arith-r16-s0' --dry-run [--body-out body.json]",
         ],
         fn=_gce_errors(_cmd_launch),
     )
@@ -252,7 +240,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--machine-type", help="override the machine type ($LAB_GCE_MACHINE_TYPE)")
     p.add_argument("--gpu-type", help="override the GPU type ($LAB_GCE_GPU_TYPE)")
     p.add_argument("--keep-vm", action="store_true", help="leave the VM running afterwards")
-    p.add_argument("--dry-run", action="store_true", help="print the instances.insert body")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the zones / machine types a launch would try, $/h and worst case; create nothing",
+    )
+    p.add_argument("--body-out", metavar="FILE", help="with --dry-run: write the insert body here")
     _register_vms(subparsers)
     _register_image(subparsers)
 
@@ -340,11 +333,22 @@ def _gce_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
     @functools.wraps(fn)
     def wrapped(args: argparse.Namespace) -> int:
+        from google.auth.exceptions import DefaultCredentialsError, RefreshError
+
         try:
             return fn(args)
         except ValueError as e:  # ExperimentError included
             print(f"lab: {e}", file=sys.stderr)
             return 2
+        except DefaultCredentialsError as e:
+            print(NO_CREDENTIALS.format(why=_first_line(e)), file=sys.stderr)
+            return 1
+        except RefreshError as e:
+            print(
+                NO_CREDENTIALS.format(why=f"they could not be refreshed: {_first_line(e)}"),
+                file=sys.stderr,
+            )
+            return 1
         except Exception as e:
             from resources.compute.gce.errors import GceApiError
 
@@ -354,6 +358,11 @@ def _gce_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
             raise
 
     return wrapped
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__).rstrip(".")
 
 
 def gce_main(argv: list[str]) -> int:

@@ -141,6 +141,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     store = open_store(exp.storage_root, exp.name)
     lock = sweep_lock(home)  # held from planning until the backfill is written
     with lock, DagsterInstance.get() as instance:
+        lock.across_machines(instance)
         if not args.dry_run and not settle_leftovers(instance, store):
             return 130
         if not args.no_reconcile:
@@ -238,6 +239,8 @@ def print_results(results: dict) -> None:
         for name in ("all", "norm_only", "random_delta"):
             print(f"    control {name:13s} {_acc(sets[name])}")
         print(f"    {results['verdicts'][target]['statement']}")
+        if "at_matched_norm" in results["verdicts"][target]:
+            print(f"    {results['verdicts'][target]['at_matched_norm']}")
     for arm, comp in results.get("control_arms", {}).items():
         norms = ", ".join(f"{k} {v:.2f}" for k, v in comp["median_total_fro_norm"].items())
         print(f"  control arm {arm}: {comp['question']} (median ‖ΔW‖_F: {norms})")

@@ -29,7 +29,12 @@ from dagster import (
     asset,
 )
 
-from lab_assets.defs.checks import manifest_check_result, manifest_check_specs
+from lab_assets.defs.checks import (
+    heldout_check_result,
+    heldout_check_spec,
+    manifest_check_result,
+    manifest_check_specs,
+)
 from lab_assets.defs.metadata import line_plot_png, markdown_table, png_markdown
 from lab_assets.defs.partitions import LabPartitions
 from lab_assets.defs.recipe_output import output_with_recipe
@@ -57,6 +62,7 @@ from resources.remote.checkpointing import (
 
 BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
 FEATURES_FILE = "features.parquet"
+EVAL_FILE = "eval.json"
 
 
 def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition]:
@@ -133,21 +139,30 @@ def _base_spectrum_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinit
         group_name=ASSET_GROUP,
         code_version=CODE_VERSIONS[BASE_SPECTRUM],
         check_specs=manifest_check_specs(BASE_SPECTRUM),
-        description="Top-k singular triplets of every targeted base weight matrix.",
+        description=(
+            "Singular triplets of every targeted base weight matrix: all of them up to "
+            "1024 on the smaller side, else the top k (spectrum.base_k sets the number)."
+        ),
     )
     def base_spectrum(context: AssetExecutionContext, lab_storage: LabStorage, base_model: Path):
+        from lab_assets.ml.base_weights import FULL_SPECTRUM_MAX_DIM
         from lab_assets.ml.spectral import compute_base_spectrum, save_base_spectrum
 
-        k = exp.file.spectrum.top_k
+        sp = exp.file.spectrum
+        # by default: every triplet of weights up to FULL_SPECTRUM_MAX_DIM, top_k of others
+        k, full_up_to = sp.top_k, FULL_SPECTRUM_MAX_DIM
+        if sp.base_k is not None:
+            k, full_up_to = max(sp.base_k, sp.top_k), 0
         t0 = time.perf_counter()
-        spectra = compute_base_spectrum(base_model, exp.target_modules(), k)
+        spectra = compute_base_spectrum(base_model, exp.target_modules(), k, full_up_to=full_up_to)
         seconds = time.perf_counter() - t0
         with output_dir(BASE_SPECTRUM) as out:
             save_base_spectrum(spectra, out / BASE_SPECTRUM_FILE)
         rows = [(name, float(s.S[0]), len(s.S)) for name, s in list(spectra.items())[:50]]
         meta = {
             "modules": len(spectra),
-            "top_k": k,
+            "top_k": sp.top_k,
+            "stored_triplets": f"all up to {full_up_to}, else {k}" if full_up_to else k,
             "seconds": round(seconds, 3),
             "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
         }
@@ -166,7 +181,7 @@ def _adapter_asset(
         partitions_def=parts.adapters,
         group_name=ASSET_GROUP,
         code_version=CODE_VERSIONS[ADAPTER],
-        check_specs=manifest_check_specs(ADAPTER),
+        check_specs=[*manifest_check_specs(ADAPTER), heldout_check_spec(ADAPTER)],
         ins={BASE_MODEL: AssetIn(partition_mapping=by_model)},
         # Order only (nothing is read from it, and it is not in the adapter's recipe): a
         # backfill requests an adapter once its model's spectrum exists too, so each
@@ -176,17 +191,26 @@ def _adapter_asset(
         pool=pool_for(exp),
         kinds={"pytorch"},
         description=(
-            "One LoRA training run (lora_sft or dpo) in PEFT layout. Waits for its model's "
+            "One LoRA training run (lora_sft or dpo) in PEFT layout, with its held-out "
+            "evaluation against the base (eval.json). Waits for its model's "
             "`base_spectrum` only so that a backfill trains it and measures its spectrum "
             "in one run; nothing of the spectrum enters training or the adapter's recipe."
         ),
     )
     def adapter(context: AssetExecutionContext, base_model: Path):
+        from lab_assets.ml.controls import SHUFFLED_PREFERENCES
+        from lab_assets.ml.evaluate import evaluate_heldout
         from lab_assets.ml.train import TrainSpec, train_adapter
 
         model_id, run_id = split_adapter_key(context.partition_key)
         run = exp.run(run_id)
-        spec = TrainSpec(method=run.method, task=run.task, seed=run.seed, **run.hyper.model_dump())
+        spec = TrainSpec(
+            method=run.method,
+            task=run.task,
+            seed=run.seed,
+            shuffle_preferences=run.arm == SHUFFLED_PREFERENCES,
+            **run.hyper.model_dump(),
+        )
         context.log.info(f"training {run_id} on {model_id}: {spec}")
         # on a VM: the agent's checkpoints; locally: a durable directory of our own
         identity = f"{spec}|{exp.model_fingerprint(model_id)}"
@@ -202,11 +226,19 @@ def _adapter_asset(
                 log_every_s=1.0,  # each line is an event in the run's log
                 **ckpt,
             )
+            t0 = time.perf_counter()
+            heldout = evaluate_heldout(
+                base_model, out, run.method, run.task, dpo_beta=spec.dpo_beta
+            ).to_dict()
+            heldout["seconds"] = round(time.perf_counter() - t0, 3)
+            (out / EVAL_FILE).write_text(json.dumps(heldout, indent=1))
+        context.log.info(f"held-out evaluation: {heldout}")
         curve = [float(x) for x in result.loss_curve]
         meta = {
             "method": run.method,
             "task": run.task,
             "seed": run.seed,
+            "arm": run.arm,
             "first_loss": float(result.first_loss),
             "final_loss": float(result.final_loss),
             "steps": int(result.steps),
@@ -215,13 +247,33 @@ def _adapter_asset(
             "device": result.device,
             "precision": result.precision,
             "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
-        }
+        } | _heldout_metadata(heldout)
         storage, key = context.resources.lab_storage, context.partition_key
         yield output_with_recipe(exp, storage, ADAPTER, key, out, meta)
         discard_local_checkpoints(ckpt)  # the adapter is stored: nothing to resume
         yield manifest_check_result(storage, ADAPTER, key)
+        yield heldout_check_result(heldout)
 
     return adapter
+
+
+def _heldout_metadata(heldout: dict) -> dict:
+    """The held-out evaluation as typed metadata (``heldout/…``)."""
+    meta: dict = {"heldout/n": MetadataValue.int(int(heldout["n"]))}
+    meta["heldout/metric_name"] = MetadataValue.text(str(heldout["metric_name"]))
+    for k in (
+        "base_task_metric",
+        "task_metric",
+        "base_nll",
+        "nll",
+        "base_pref_accuracy",
+        "pref_accuracy",
+        "reward_accuracy",
+        "reward_margin",
+    ):
+        meta[f"heldout/{k}"] = MetadataValue.float(float(heldout[k]))
+    meta["heldout/beats_base"] = MetadataValue.bool(bool(heldout["beats_base"]))
+    return meta
 
 
 def _spectral_features_asset(
@@ -248,15 +300,25 @@ def _spectral_features_asset(
         base_spectrum: Path,
         base_model: Path,
     ):
+        from threadpoolctl import threadpool_limits
+
         from lab_assets.ml.spectral import adapter_spectrum, load_base_spectrum
 
         model_id, run_id = split_adapter_key(context.partition_key)
         run = exp.run(run_id)
         t0 = time.perf_counter()
         spectra = load_base_spectrum(base_spectrum / BASE_SPECTRUM_FILE)
-        df = adapter_spectrum(
-            adapter, base_dir=base_model, base_spectrum=spectra, top_k=exp.file.spectrum.top_k
-        )
+        sp = exp.file.spectrum
+        # Small SVDs, two runs at a time on shared cores: BLAS threads only contend.
+        with threadpool_limits(1):
+            df = adapter_spectrum(
+                adapter,
+                base_dir=base_model,
+                base_spectrum=spectra,
+                top_k=sp.top_k,
+                intruder_k=sp.intruder_k,
+                intruder_threshold=sp.intruder_threshold,
+            )
         df.insert(1, "model", model_id)
         df.insert(2, "run", run_id)
         df.insert(3, "method", run.method)
@@ -300,32 +362,35 @@ def _classification_asset(exp: Experiment) -> AssetsDefinition:
         check_specs=manifest_check_specs(CLASSIFICATION),
         ins={SPECTRAL_FEATURES: AssetIn()},
         kinds={"scikitlearn"},
-        description="Method and task classified from spectral features, with grouped CV.",
+        description=(
+            "Method and task classified from scale-free spectral features with grouped CV, "
+            "beside the controls (norm only, norm-matched random ΔW, all features) and the "
+            "control arms (DPO on shuffled preferences, norm-matched SFT)."
+        ),
     )
     def classification_results(
         context: AssetExecutionContext,
         lab_storage: LabStorage,
         spectral_features: dict[str, Path],
     ):
-        from lab_assets.ml.classify import classify, feature_matrix, plot_report, report_to_dict
+        from lab_assets.ml.classify import feature_matrix, plot_report
+        from lab_assets.ml.controls import classify_with_controls
 
         frames = {
             key: pd.read_parquet(path / FEATURES_FILE)
             for key, path in sorted(spectral_features.items())
         }
-        X = feature_matrix(frames)
-        labels = pd.DataFrame([_labels(exp, key) for key in X.index], index=X.index)
+        labels = pd.DataFrame([_labels(exp, key) for key in sorted(frames)], index=sorted(frames))
         n_perm = exp.file.classification.n_permutations
-        reports = {
-            target: classify(X, labels[target], groups=labels["group"], n_permutations=n_perm)
-            for target in ("method", "task")
-        }
-        meta: dict = {"adapters": len(X), "features": X.shape[1]}
+        t0 = time.perf_counter()
+        plotted, results = classify_with_controls(frames, labels, n_perm)
+        seconds = time.perf_counter() - t0
+        X = feature_matrix(frames)
+        meta: dict = {"adapters": len(X), "features": X.shape[1], "seconds": round(seconds, 2)}
         with output_dir(CLASSIFICATION) as out:
-            plot_report(reports, out / "classification.png")
-            results = {t: report_to_dict(r) for t, r in reports.items()}
+            plot_report(plotted, out / "classification.png")
             (out / "results.json").write_text(json.dumps(results, indent=1))
-            X.assign(**{c: labels[c] for c in ("method", "task", "group")}).to_parquet(
+            X.assign(**{c: labels[c] for c in ("method", "task", "group", "arm")}).to_parquet(
                 out / "feature_matrix.parquet"
             )
             meta["plot"] = png_markdown(out / "classification.png", "confusion matrices")
@@ -336,15 +401,33 @@ def _classification_asset(exp: Experiment) -> AssetsDefinition:
     return classification_results
 
 
-def _classification_metadata(results: dict[str, dict]) -> dict:
-    """Per target: the scalar results, the CV, top features and confusion matrix."""
-    meta: dict = {}
-    for target, res in results.items():
+def _classification_metadata(results: dict) -> dict:
+    """Per target: the headline (scale-free) results, the controls beside them, the verdict,
+    top features and confusion matrix; the control arms; the p-value floor."""
+    meta: dict = {
+        "headline_feature_set": results["headline_feature_set"],
+        "p_value_floor": float(results["p_value_floor"]),
+        "n_permutations": int(results["n_permutations"]),
+    }
+    for target in ("method", "task"):
+        res = results[target]
         for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high", "model"):
-            if k in res:
-                v = res[k]
-                meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
-        meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}"
+            v = res[k]
+            meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
+        meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}, scale-free features"
+        verdict = results["verdicts"][target]
+        statement = verdict["statement"]
+        if "at_matched_norm" in verdict:
+            statement += f"; {verdict['at_matched_norm']}"
+        meta[f"{target}_verdict"] = MetadataValue.text(statement)
+        meta[f"{target}_explained_by_norm"] = bool(results["verdicts"][target]["explained_by_norm"])
+        meta[f"{target}_controls"] = markdown_table(
+            ["feature set", "accuracy", "95% CI", "p"],
+            [
+                [name, r["accuracy"], f"{r['ci_low']:.2f}-{r['ci_high']:.2f}", r["p_value"]]
+                for name, r in results["feature_sets"][target].items()
+            ],
+        )
         meta[f"{target}_top_features"] = markdown_table(
             ["feature", "importance"], res["top_features"][:10]
         )
@@ -352,10 +435,25 @@ def _classification_metadata(results: dict[str, dict]) -> dict:
             ["true \\ pred", *res["labels"]],
             [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
         )
+    rows = []
+    for arm, comp in results["control_arms"].items():
+        for name, r in comp["feature_sets"].items():
+            if "accuracy" in r:
+                ci = f"{r['ci_low']:.2f}-{r['ci_high']:.2f}"
+                rows.append([arm, comp["question"], name, r["accuracy"], ci, r["p_value"]])
+    if rows:
+        meta["control_arms"] = markdown_table(
+            ["arm", "question", "features", "accuracy", "95% CI", "p"], rows
+        )
     return meta
 
 
 def _labels(exp: Experiment, key: str) -> dict:
     model_id, run_id = split_adapter_key(key)
     run = exp.run(run_id)
-    return {"method": run.method, "task": run.task, "group": f"{model_id}/s{run.seed}"}
+    return {
+        "method": run.method,
+        "task": run.task,
+        "group": f"{model_id}/s{run.seed}",
+        "arm": run.arm,
+    }

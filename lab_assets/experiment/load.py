@@ -4,11 +4,20 @@ Which file: ``--experiment PATH``, else ``$LAB_EXPERIMENT``, else
 ``./experiments/tiny.yaml`` relative to the current directory. The storage root is
 the file's ``storage`` (relative to the file), overridden by ``$LAB_STORAGE_ROOT``
 (relative to the current directory).
+
+Values may come from the environment, so that one shipped file serves every
+project: ``${NAME}`` is the variable's value (unset: an error naming the variable
+to set), ``${NAME:-default}`` falls back to ``default`` and records NAME as a
+placeholder (``Experiment.placeholders``): the file validates and dry-runs as is,
+and every command that would touch the cloud refuses until NAME is set. ``$${``
+is a literal ``${``; comment lines are left alone. The experiment keeps the text
+with the values filled in, so a step elsewhere (a VM) sees the same values.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -21,6 +30,40 @@ from resources.remote.protocol import GsUriError, parse_gs_uri
 EXPERIMENT_ENV = "LAB_EXPERIMENT"
 STORAGE_ENV = "LAB_STORAGE_ROOT"
 DEFAULT_EXPERIMENT = Path("experiments") / "tiny.yaml"  # relative to the current directory
+_VAR = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, path: Path) -> tuple[str, tuple[str, ...]]:
+    """`text` with ``${NAME}`` / ``${NAME:-default}`` filled from the environment, and the
+    names that fell back to their default (placeholders)."""
+    placeholders: list[str] = []
+    missing: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        escaped, name, default = m.groups()
+        if escaped:
+            return m.group(0)[1:]  # $${X} -> ${X}
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            if name not in placeholders:
+                placeholders.append(name)
+            return default
+        missing.append(name)
+        return m.group(0)
+
+    lines = [
+        line if line.lstrip().startswith("#") else _VAR.sub(fill, line)
+        for line in text.splitlines(keepends=True)
+    ]
+    if missing:
+        names = ", ".join(dict.fromkeys(missing))
+        raise ExperimentError(
+            f"{path}: the file uses ${{{missing[0]}}} but it is not set: set {names} in the "
+            f"environment (e.g. export {missing[0]}=...)"
+        )
+    return "".join(lines), tuple(placeholders)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -84,6 +127,7 @@ def parse_experiment(text: str, path: Path, storage_root: str | None = None) -> 
     `path` names the file in errors and anchors a relative `storage`; the text need not
     be read from it (a step on a VM rebuilds the experiment from the text it was sent).
     """
+    text, placeholders = interpolate(text, path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -97,4 +141,6 @@ def parse_experiment(text: str, path: Path, storage_root: str | None = None) -> 
     root = storage_root or resolve_storage_root(f.storage, path.parent)
     runs = expand_runs(f, path)
     check_analysis(f, runs, path)
-    return Experiment(path=path, text=text, file=f, storage_root=root, runs=runs)
+    return Experiment(
+        path=path, text=text, file=f, storage_root=root, runs=runs, placeholders=placeholders
+    )

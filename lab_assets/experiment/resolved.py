@@ -22,6 +22,7 @@ from lab_assets.experiment.schema import (
     _Overrides,
     _Strict,
 )
+from lab_assets.ml.controls import ARM_SLUG, MAIN_ARM
 
 
 class RunSpec(_Strict):
@@ -33,6 +34,7 @@ class RunSpec(_Strict):
     seed: int
     hyper: Hyper
     origin: str  # where in the file it came from, e.g. "grid.0" or "runs.2"
+    arm: str = MAIN_ARM  # a control arm (lab_assets.ml.controls) or the main one
 
     def fingerprint(self) -> str:
         """Hash of exactly the config that shapes this run's adapter."""
@@ -42,6 +44,8 @@ class RunSpec(_Strict):
                 "task": self.task,
                 "seed": self.seed,
                 **self.hyper.model_dump(mode="json"),
+                # the main arm's hash stays what it was before arms existed
+                **({"arm": self.arm} if self.arm != MAIN_ARM else {}),
             }
         )
 
@@ -54,6 +58,18 @@ class Experiment(_Strict):
     file: ExperimentFile
     storage_root: str
     runs: tuple[RunSpec, ...]
+    # Environment variables the file left at their ${NAME:-default} placeholder (load.py):
+    # the experiment validates, but nothing may touch the cloud until they are set.
+    placeholders: tuple[str, ...] = ()
+
+    def require_settings(self, what: str) -> None:
+        """Refuse `what` while a placeholder stands in for a real value."""
+        if self.placeholders:
+            names = " ".join(f"{n}=..." for n in self.placeholders)
+            raise ExperimentError(
+                f"{self.path}: {what} needs real values for {', '.join(self.placeholders)} "
+                f"(the file's placeholders are in use): export {names}"
+            )
 
     @property
     def name(self) -> str:
@@ -96,8 +112,13 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def run_id_for(method: str, task: str, hyper: Hyper, seed: int, tag: str | None) -> str:
+def run_id_for(
+    method: str, task: str, hyper: Hyper, seed: int, tag: str | None, arm: str = MAIN_ARM
+) -> str:
+    """``<method>-<task>-r<rank>-s<seed>[-<tag>]``; a control arm without a tag gets its
+    slug as the tag (``dpo-arith-r8-s0-shuf``)."""
     base = f"{METHOD_SLUG[method]}-{task}-r{hyper.rank}-s{seed}"
+    tag = tag or ARM_SLUG.get(arm)
     return f"{base}-{tag}" if tag else base
 
 
@@ -119,7 +140,7 @@ def expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
     def add(origin: str, method: str, task: str, seed: int, entry: _Overrides) -> None:
         hyper = f.defaults.model_copy(update=entry.overrides())
         hyper = Hyper.model_validate(hyper.model_dump())
-        rid = run_id_for(method, task, hyper, seed, entry.tag)
+        rid = run_id_for(method, task, hyper, seed, entry.tag, entry.arm)
         if rid in where:
             raise ExperimentError(
                 f"{path}: {origin}: duplicate run id {rid!r} (also produced by {where[rid]}); "
@@ -127,7 +148,15 @@ def expand_runs(f: ExperimentFile, path: Path) -> tuple[RunSpec, ...]:
             )
         where[rid] = origin
         runs.append(
-            RunSpec(id=rid, method=method, task=task, seed=seed, hyper=hyper, origin=origin)
+            RunSpec(
+                id=rid,
+                method=method,
+                task=task,
+                seed=seed,
+                hyper=hyper,
+                origin=origin,
+                arm=entry.arm,
+            )
         )
 
     for i, g in enumerate(f.grid):
@@ -146,8 +175,10 @@ def check_analysis(f: ExperimentFile, runs: tuple[RunSpec, ...], path: Path) -> 
     It classifies every adapter's method and its task (``lab_assets.ml.classify``) with
     grouped cross-validation, an adapter's group being ``model/seed``: it needs at least
     two groups (one is held out at a time) and, for each label, at least two classes.
+    Only the main arm's runs count: control arms are compared beside the headline.
     Found at validation, not after every adapter has trained.
     """
+    runs = tuple(r for r in runs if r.arm == MAIN_ARM)
     groups = sorted({f"{m.id}/s{r.seed}" for m in f.base_models for r in runs})
     problems = []
     if len(groups) < 2:

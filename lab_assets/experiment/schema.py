@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticKnownError
 
 from lab_assets.ml import LLAMA_TARGET_MODULES
+from lab_assets.ml.controls import ARMS, MAIN_ARM, SHUFFLED_PREFERENCES
 from lab_assets.ml.tasks import TASKS
 from resources.compute.gce.settings import GceSettings
 
@@ -61,7 +62,9 @@ def _range_first(lo: int, hi: int) -> Any:
     like any other out-of-range number."""
 
     def check(v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, int | float | str):
+        if isinstance(v, bool):  # YAML `true` is not a count (pydantic would take it as 1)
+            raise PydanticKnownError("int_type")
+        if not isinstance(v, int | float | str):
             return v
         try:
             x = float(v)
@@ -191,6 +194,10 @@ class _Overrides(_Strict):
     n_examples: _NExamples | None = None
     dpo_beta: _DpoBeta | None = None
     tag: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.]{0,30}$")
+    # A control arm (lab_assets.ml.controls): "shuffled_preferences" trains DPO on
+    # randomly swapped preferences; "norm_matched_lr" marks SFT runs whose learning rate
+    # matches DPO's update norm. Kept out of the headline classification.
+    arm: Literal[ARMS] = MAIN_ARM  # type: ignore[valid-type]
 
     def overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _HYPER_FIELDS if getattr(self, k) is not None}
@@ -208,6 +215,11 @@ class GridEntry(_Overrides):
     def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_task(t) for t in v)
 
+    @model_validator(mode="after")
+    def _arm_fits_methods(self) -> GridEntry:
+        _check_arm(self.arm, self.methods)
+        return self
+
 
 class RunEntry(_Overrides):
     """One explicit training run."""
@@ -221,13 +233,33 @@ class RunEntry(_Overrides):
     def _task(cls, v: str) -> str:
         return _check_task(v)
 
+    @model_validator(mode="after")
+    def _arm_fits_method(self) -> RunEntry:
+        _check_arm(self.arm, (self.method,))
+        return self
+
+
+def _check_arm(arm: str, methods: tuple[str, ...]) -> None:
+    if arm == SHUFFLED_PREFERENCES and set(methods) != {"dpo"}:
+        raise ValueError(f"arm {arm!r} shuffles DPO's preferences: methods must be [dpo]")
+
 
 class SpectrumSpec(_Strict):
+    """``top_k``: the base's top singular vectors the subspace overlaps use.
+    ``base_k``: how many singular triplets of each base weight are stored (None: all of
+    a weight whose smaller side is at most 1024, ``top_k`` of bigger ones, whose full
+    SVD would take hours on a CPU and gigabytes of storage).
+    ``intruder_k``/``intruder_threshold``: Shuttleworth et al.'s k and ε (10, 0.5)."""
+
     top_k: bounded_int(1, 4096) = 16
+    base_k: bounded_int(1, 65_536) | None = None
+    intruder_k: bounded_int(1, 4096) = 10
     intruder_threshold: float = Field(0.5, gt=0, lt=1, allow_inf_nan=False)
 
 
 class ClassificationSpec(_Strict):
+    """``n_permutations``: per permutation test (the p-value floor is 1/(n+1))."""
+
     n_permutations: bounded_int(0, 10_000) = 200
 
 

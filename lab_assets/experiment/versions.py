@@ -25,11 +25,11 @@ from lab_assets.ml.tasks import TASK_GENERATOR_VERSION
 
 # Bump an asset's version when its code changes what it produces.
 CODE_VERSIONS = {
-    "base_model": "1",
-    "base_spectrum": "1",
-    "adapter": "1",
-    "spectral_features": "1",
-    "classification_results": "1",
+    "base_model": "2",
+    "base_spectrum": "2",
+    "adapter": "2",
+    "spectral_features": "2",
+    "classification_results": "2",
 }
 ASSET_ORDER = tuple(CODE_VERSIONS)
 
@@ -118,12 +118,20 @@ def ref(asset: str, partition: str | None) -> str:
     return f"{asset}[{partition}]" if partition is not None else asset
 
 
+def _base_spectrum_config(exp: Experiment) -> dict[str, Any]:
+    sp = exp.file.spectrum
+    out: dict[str, Any] = {"top_k": sp.top_k, "targets": exp.target_modules()}
+    if sp.base_k is not None:  # absent (all triplets) keeps the digest of before
+        out["base_k"] = sp.base_k
+    return out
+
+
 def config_digest(exp: Experiment, asset: str, partition: str | None) -> str:
     """Digest of exactly the config that shapes this partition."""
     if asset == "base_model":
         return exp.model_fingerprint(partition)
     if asset == "base_spectrum":
-        return digest({"top_k": exp.file.spectrum.top_k, "targets": exp.target_modules()})
+        return digest(_base_spectrum_config(exp))
     if asset == "adapter":
         run = exp.run(partition.split("|", 1)[1])
         return digest({"run": run.fingerprint(), "task_generator": TASK_GENERATOR_VERSION})
@@ -139,10 +147,10 @@ def config_values(exp: Experiment, asset: str, partition: str | None) -> dict[st
     if asset == "base_model":
         return flatten(exp.model(partition).model_dump(mode="json"))
     if asset == "base_spectrum":
-        return {"top_k": exp.file.spectrum.top_k, "targets": exp.target_modules()}
+        return _base_spectrum_config(exp)
     if asset == "adapter":
         run = exp.run(partition.split("|", 1)[1])
-        values = {"method": run.method, "task": run.task, "seed": run.seed}
+        values = {"method": run.method, "task": run.task, "seed": run.seed, "arm": run.arm}
         return (
             values
             | flatten(run.hyper.model_dump(mode="json"))

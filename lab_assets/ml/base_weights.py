@@ -1,9 +1,9 @@
-"""Base weights, streamed one module at a time, and their stored top-k spectra.
+"""Base weights, streamed one module at a time, and their stored spectra (all or top-k).
 
 A (possibly sharded) safetensors checkpoint is indexed by key and read lazily
 (``safe_open`` is mmapped; sharded checkpoints are followed through
 ``model.safetensors.index.json``). ``compute_base_spectrum`` keeps the top-k
-singular triplets of every targeted weight, in ``out × in`` orientation, and
+(or all) singular triplets of every targeted weight, in ``out × in`` orientation, and
 ``save_base_spectrum``/``load_base_spectrum`` store them in one safetensors file.
 """
 
@@ -19,6 +19,8 @@ import numpy as np
 from lab_assets.ml.svd import top_k_svd
 
 DEFAULT_TOP_K = 16
+# Below this smaller side, the base spectrum the lab stores is complete by default.
+FULL_SPECTRUM_MAX_DIM = 1024
 _SPECTRUM_FORMAT = "lab-base-spectrum-v1"
 
 
@@ -132,12 +134,17 @@ def _matches(name: str, selectors: Iterable[str]) -> bool:
 def compute_base_spectrum(
     model_dir: str | Path,
     module_names_or_suffixes: Iterable[str],
-    k: int = DEFAULT_TOP_K,
+    k: int | None = DEFAULT_TOP_K,
     *,
+    full_up_to: int = 0,
     fan_in_fan_out: bool = False,
     device: str | None = None,
 ) -> dict[str, BaseModuleSpectrum]:
     """Top-``k`` singular triplets of every selected base weight, streamed one at a time.
+
+    All ``min(out, in)`` of them (which exact intruder counts need) with ``k=None``, and
+    for every weight whose smaller side is at most ``full_up_to``: cheap and small for
+    such weights, hours of CPU and gigabytes for a multi-billion-parameter model's.
 
     Selected: every 2-D ``*.weight`` whose module name equals one of the given
     names or ends with ``.<suffix>`` (e.g. ``"q_proj"``). ``fan_in_fan_out=True``
@@ -154,7 +161,8 @@ def compute_base_spectrum(
         W = model.load(name)
         if fan_in_fan_out:
             W = W.T
-        spectra[name] = BaseModuleSpectrum(*top_k_svd(W, k, device=device))
+        n_triplets = min(W.shape) if k is None or min(W.shape) <= full_up_to else k
+        spectra[name] = BaseModuleSpectrum(*top_k_svd(W, n_triplets, device=device))
     return spectra
 
 

@@ -52,12 +52,15 @@ from lab_assets.ml.svd import (
     top_k_svd,
 )
 
+# Shuttleworth et al. 2024's defaults: the top 10 singular vectors of W + ΔW, ε = 0.5.
 INTRUDER_THRESHOLD = 0.5
+INTRUDER_K = 10
 
 # Re-exported: callers read spectra through this module.
 __all__ = [
     "DEFAULT_TOP_K",
     "FULL_SVD_MAX_DIM",
+    "INTRUDER_K",
     "INTRUDER_THRESHOLD",
     "SPECTRUM_COLUMNS",
     "BaseModuleSpectrum",
@@ -96,6 +99,8 @@ SPECTRUM_COLUMNS = [
     "subspace_overlap_right_chance",
     "intruder_dims",
     "intruder_dims_right",
+    "intruder_k",
+    "intruder_base_vectors",
     "top_sv_shift",
     "top_sv_shifts",
 ]
@@ -121,6 +126,7 @@ def module_features(
     W: np.ndarray | None = None,
     *,
     k: int | None = None,
+    intruder_k: int = INTRUDER_K,
     intruder_threshold: float = INTRUDER_THRESHOLD,
     device: str | None = None,
 ) -> dict[str, Any]:
@@ -139,15 +145,17 @@ def module_features(
       one; ``subspace_overlap_right`` likewise with right singular vectors;
       ``*_chance`` is the expectation for a random subspace (k / dimension).
 
+    The overlaps use the base's top ``k`` vectors (``k`` truncates ``base``).
+
     With ``W`` too (``out × in``, already oriented):
 
-    * ``intruder_dims``: how many of the top-k left singular vectors of ``W + ΔW``
-      have max |cosine| below ``intruder_threshold`` with the base's top-k left
-      singular vectors (``intruder_dims_right``: right vectors). Following
-      Shuttleworth et al., "LoRA vs Full Fine-Tuning: An Illusion of Equivalence",
-      but compared against the base's top-k vectors only, not all of them, so a
-      top vector of ``W + ΔW`` that aligns with a base vector beyond the k-th
-      also counts as an intruder.
+    * ``intruder_dims``: as in Shuttleworth et al. 2024, "LoRA vs Full Fine-Tuning:
+      An Illusion of Equivalence": how many of the top ``intruder_k`` left singular
+      vectors of ``W + ΔW`` have max |cosine| below ``intruder_threshold`` (ε) with
+      *every* left singular vector of the base that ``base`` holds
+      (``intruder_base_vectors`` of them: all ``min(out, in)`` when the stored
+      spectrum is complete, which the ``base_spectrum`` asset's is by default);
+      ``intruder_dims_right`` likewise with right vectors.
     * ``top_sv_shift``: ``(σ₁(W+ΔW) − σ₁(W)) / σ₁(W)``; ``top_sv_shifts`` the same
       for each of the top k.
     """
@@ -168,6 +176,7 @@ def module_features(
             base = BaseModuleSpectrum(*top_k_svd(W, k or DEFAULT_TOP_K, device=device))
     if base is None:
         return out
+    base_all = base
     if k is not None and k < base.k:
         base = base.truncated(k)
     if base.U.shape[0] != mod.out_features or base.Vh.shape[1] != mod.in_features:
@@ -177,7 +186,9 @@ def module_features(
         )
     out.update(_overlap_features(mod, base, U, S, Vh, out["spectral_norm"]))
     if W is not None:
-        out.update(_intruder_features(mod, base, W, intruder_threshold, device))
+        out.update(
+            _intruder_features(mod, base, base_all, W, intruder_k, intruder_threshold, device)
+        )
     return out
 
 
@@ -204,6 +215,8 @@ def _update_features(mod: LoraModule, S: np.ndarray) -> dict[str, Any]:
         "subspace_overlap_right_chance": math.nan,
         "intruder_dims": math.nan,
         "intruder_dims_right": math.nan,
+        "intruder_k": math.nan,
+        "intruder_base_vectors": math.nan,
         "top_sv_shift": math.nan,
         "top_sv_shifts": None,
     }
@@ -234,19 +247,26 @@ def _overlap_features(
 def _intruder_features(
     mod: LoraModule,
     base: BaseModuleSpectrum,
+    base_all: BaseModuleSpectrum,
     W: np.ndarray,
+    intruder_k: int,
     intruder_threshold: float,
     device: str | None,
 ) -> dict[str, Any]:
-    """Intruder dimensions of ``W + ΔW`` and the shifts of its top-k singular values."""
-    u_ft, s_ft, vh_ft = top_k_svd(W, base.k, (mod.A, mod.B, mod.scale), device=device)
-    max_cos_left = np.abs(base.U.T @ u_ft).max(axis=0)
-    max_cos_right = np.abs(base.Vh @ vh_ft.T).max(axis=0)
+    """Intruder dimensions of ``W + ΔW`` (against all of ``base_all``'s vectors) and the
+    shifts of its top-k singular values (against ``base``, the top k)."""
+    lora = (mod.A, mod.B, mod.scale)
+    u_ft, s_ft, vh_ft = top_k_svd(W, max(base.k, intruder_k), lora, device=device)
+    ki = min(intruder_k, s_ft.size)
+    max_cos_left = np.abs(base_all.U.T @ u_ft[:, :ki]).max(axis=0)
+    max_cos_right = np.abs(base_all.Vh @ vh_ft[:ki].T).max(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        shifts = (s_ft - base.S) / base.S
+        shifts = (s_ft[: base.k] - base.S) / base.S
     return {
         "intruder_dims": int(np.sum(max_cos_left < intruder_threshold)),
         "intruder_dims_right": int(np.sum(max_cos_right < intruder_threshold)),
+        "intruder_k": int(ki),
+        "intruder_base_vectors": int(base_all.k),
         "top_sv_shift": float(shifts[0]),
         "top_sv_shifts": [float(x) for x in shifts],
     }
@@ -258,6 +278,7 @@ def adapter_spectrum(
     base_spectrum: Mapping[str, BaseModuleSpectrum] | None = None,
     top_k: int | None = None,
     *,
+    intruder_k: int = INTRUDER_K,
     intruder_threshold: float = INTRUDER_THRESHOLD,
     device: str | None = None,
 ) -> pd.DataFrame:
@@ -285,7 +306,13 @@ def adapter_spectrum(
                 base_model.load(mod.name), mod.out_features, mod.in_features, mod.fan_in_fan_out
             )
         feats = module_features(
-            mod, base, W, k=k, intruder_threshold=intruder_threshold, device=device
+            mod,
+            base,
+            W,
+            k=k,
+            intruder_k=intruder_k,
+            intruder_threshold=intruder_threshold,
+            device=device,
         )
         rows.append({"module": mod.name, **feats})
     return pd.DataFrame(rows, columns=SPECTRUM_COLUMNS)

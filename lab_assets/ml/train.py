@@ -55,6 +55,8 @@ class TrainSpec:
     n_examples: int = 256
     dpo_beta: float = 0.1
     max_length: int = 64
+    # DPO's control arm: chosen and rejected swapped at random (tasks.preference_pairs)
+    shuffle_preferences: bool = False
 
 
 @dataclass
@@ -202,10 +204,15 @@ def train_adapter(
     """
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
+    if spec.shuffle_preferences and spec.method != "dpo":
+        raise ValueError("shuffle_preferences is a DPO control: the method must be dpo")
     # Fail before loading anything on an unknown task.
-    data = (sft_examples if spec.method == "lora_sft" else preference_pairs)(
-        spec.task, spec.n_examples, spec.seed
-    )
+    if spec.method == "lora_sft":
+        data = sft_examples(spec.task, spec.n_examples, spec.seed)
+    else:
+        data = preference_pairs(
+            spec.task, spec.n_examples, spec.seed, shuffled=spec.shuffle_preferences
+        )
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

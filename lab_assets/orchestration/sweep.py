@@ -231,14 +231,23 @@ def in_flight(instance: DagsterInstance) -> dict[tuple[str, str | None], str]:
 
 
 class sweep_lock:  # noqa: N801 - used as a context manager, like open()
-    """An exclusive lock on `$DAGSTER_HOME/lab/sweep.lock` from a sweep's planning until
-    its backfill is written (`release`), so two sweeps started together do not plan the
-    same partitions before either has submitted; the second then sees them in flight."""
+    """An exclusive lock from a sweep's planning until its backfill is written (`release`),
+    so two sweeps started together do not plan the same partitions before either has
+    submitted; the second then sees them in flight.
+
+    A file lock on `$DAGSTER_HOME/lab/sweep.lock` (taken before the instance is opened:
+    two processes creating one new SQLite instance at once would race), and, once the
+    instance is open, on an instance whose runs live in PostgreSQL (a team's), a Postgres
+    advisory lock as well (`across_machines`), which holds between laptops.
+    """
+
+    PG_KEY = 0x1AB5_EE9  # the advisory lock's key: any constant the lab owns
 
     def __init__(self, home: Path):
         (home / "lab").mkdir(parents=True, exist_ok=True)
         self._path = home / "lab" / "sweep.lock"
         self._file = None
+        self._conn = None
 
     def __enter__(self) -> sweep_lock:
         import fcntl
@@ -247,10 +256,37 @@ class sweep_lock:  # noqa: N801 - used as a context manager, like open()
         fcntl.flock(self._file, fcntl.LOCK_EX)
         return self
 
+    def across_machines(self, instance: DagsterInstance) -> bool:
+        """Also take the instance's Postgres advisory lock, if its runs live in Postgres."""
+        engine = _postgres_engine(instance)
+        if engine is None:
+            return False
+        from sqlalchemy import text
+
+        self._conn = engine.connect()
+        self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.PG_KEY})
+        return True
+
     def release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # the session ends: its advisory lock is released
+            self._conn = None
         if self._file is not None:
             self._file.close()  # closing drops the flock
             self._file = None
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _postgres_engine(instance: DagsterInstance | None):
+    """The SQLAlchemy engine of the instance's run storage if it is PostgreSQL, else None."""
+    if instance is None:
+        return None
+    storage = instance.run_storage
+    storage = getattr(storage, "_storage", storage)  # DagsterStorage wraps the parts
+    storage = getattr(storage, "run_storage", storage)
+    engine = getattr(storage, "_engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        return None
+    return engine

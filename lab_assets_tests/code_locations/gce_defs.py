@@ -37,12 +37,13 @@ GPU_ZONES = {
         "us-central1-c": ["g2-standard-8"],
     }
 }
+# Round numbers for the tests, overriding the catalog (resources/compute/gce/gcp_catalog.csv).
 PRICES = {
     "g2-standard-4": 0.70,
     "g2-standard-4:spot": 0.28,
     "g2-standard-8": 0.85,
     "g2-standard-8:spot": 0.34,
-    "nvidia-l4": 0.0,  # included in the g2 machine price
+    "nvidia-l4": 0.0,  # the machine price above stands for the whole VM here
 }
 
 

@@ -64,12 +64,23 @@ def test_dagster_recorded_materialisations_checks_and_metadata(lab):
         assert k in meta, k
     assert meta["steps"].value == 4 and meta["trainable_params"].value > 0
     assert meta["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
+    for k in ("task_metric", "base_task_metric", "nll", "base_nll", "reward_accuracy"):
+        assert 0 <= meta[f"heldout/{k}"].value, k
+    assert isinstance(meta["heldout/beats_base"].value, bool)
     cls = materializations(instance, "classification_results")[0].asset_materialization.metadata
     assert 0 <= cls["method_accuracy"].value <= 1 and cls["method_chance"].value == 0.5
-    assert "plot" in cls and "method_confusion" in cls
+    assert "plot" in cls and "method_confusion" in cls and "method_controls" in cls
+    assert cls["p_value_floor"].value == 1 / (10 + 1)  # the small experiment's 10 permutations
+    assert "method_verdict" in cls and "task_verdict" in cls
     checks = instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_CHECK_EVALUATION))
-    assert len(checks) == 2 + 2 * len(lab["exp"].runs) + 1
-    assert all(c.event_log_entry.dagster_event.event_specific_data.passed for c in checks)
+    n_runs = len(lab["exp"].runs)
+    assert len(checks) == 2 + 3 * n_runs + 1
+    evaluations = [c.event_log_entry.dagster_event.event_specific_data for c in checks]
+    manifest = [e for e in evaluations if e.check_name == "manifest_intact"]
+    heldout = [e for e in evaluations if e.check_name == "beats_base_heldout"]
+    assert len(manifest) == 2 + 2 * n_runs + 1 and all(e.passed for e in manifest)
+    # a science warning, not a failure: 4-step adapters on a 20-step base may not beat it
+    assert len(heldout) == n_runs and all(e.severity.value == "WARN" for e in heldout)
 
 
 def test_worker_logs_reached_the_run(lab):
@@ -89,9 +100,12 @@ def test_adapters_load_with_peft_and_change_the_model(lab):
     base_dir = store.local_path("base_model", MODEL)
     key = f"{MODEL}|dpo-arith-r4-s0"
     adapter_dir = store.local_path("adapter", key)
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+    assert {"adapter_model.safetensors", "adapter_config.json", "eval.json"} <= {
         p.name for p in adapter_dir.iterdir()
     }
+    evaluation = json.loads((adapter_dir / "eval.json").read_text())
+    assert evaluation["method"] == "dpo" and evaluation["task"] == "arith"
+    assert evaluation["n"] > 0 and isinstance(evaluation["beats_base"], bool)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     ids = torch.tensor([[1, 5, 9, 12, 7]])
     with torch.no_grad():

@@ -124,6 +124,26 @@ HOSTILE = {
         "spectrum.top_k",
         "less than or equal to 4096",
     ),
+    "base_k 1e20": (
+        ("name: t", "name: t\nspectrum: {base_k: 1e20}"),
+        "spectrum.base_k",
+        "less than or equal to 65536",
+    ),
+    "intruder_k 1e20": (
+        ("name: t", "name: t\nspectrum: {intruder_k: 1e20}"),
+        "spectrum.intruder_k",
+        "less than or equal to 4096",
+    ),
+    "intruder_k 0": (
+        ("name: t", "name: t\nspectrum: {intruder_k: 0}"),
+        "spectrum.intruder_k",
+        "greater than or equal to 1",
+    ),
+    "n_permutations 1e20": (
+        ("name: t", "name: t\nclassification: {n_permutations: 1e20}"),
+        "classification.n_permutations",
+        "less than or equal to 10000",
+    ),
     "max_usd inf": (("name: t", "name: t\nbudget: {max_usd: .inf}"), "budget.max_usd", "finite"),
     "max_gpu_in_flight 1e20": (
         ("name: t", "name: t\nsweep: {max_gpu_in_flight: 1e20}"),
@@ -256,3 +276,11 @@ def test_every_shipped_and_test_experiment_is_still_valid(path, monkeypatch):
     exp = load_experiment(path)
     assert exp.runs
     assert REPO_ROOT / "experiments" / "tiny.yaml" in EXPERIMENTS
+
+
+def test_a_boolean_is_not_a_count(tmp_path):
+    """YAML `steps: true` would pass as 1 through pydantic's lax int: refused."""
+    p = write(tmp_path, edited("steps: 30", "steps: true"))
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(p)
+    assert f"{p}: defaults.steps: Input should be a valid integer" in str(err.value)

@@ -19,7 +19,14 @@ metadata server serving the instance's metadata items, ``instance/preempted``,
   processes, SIGKILL after a grace period, a ``compute.instances.preempted``
   operation is recorded, and the instance is TERMINATED then deleted (spot VMs
   here always carry ``instanceTerminationAction: DELETE``);
-- ``crash(name)``: the agent is killed outright and the instance TERMINATED.
+- ``crash(name)``: the agent is killed outright and the instance TERMINATED;
+- ``fail_next(method, n, status)``: the next `n` calls of an API method (e.g.
+  ``instances.insert``, ``zoneOperations.wait``) fail transiently (503, 429, ...),
+  optionally after doing their work (``after=True``: the answer is lost).
+
+Inserts are checked as GCE checks them (``fake_compute_checks``, from the lab's
+catalog): unknown zone, machine type, accelerator or image, or a GPU count other
+than the machine type's, is a 400.
 
 ``scheduling.maxRunDuration`` is enforced (the instance is deleted when it runs out).
 ``instances.delete`` is as strict as GCE's: the instance is STOPPING at once, and
@@ -47,6 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from lab_assets_tests.fakes.fake_compute_checks import Faults, check_insert, method_name
 from lab_assets_tests.fakes.fake_compute_images import ImagesAndDisks
 from lab_assets_tests.fakes.fake_compute_wire import (
     API,
@@ -105,6 +113,9 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
         self.images: dict[tuple[str, str], dict] = {}
         self.disks: dict[tuple[str, str, str], dict] = {}
         self.stockouts: dict[str, Stockout] = {}
+        self.faults = Faults()
+        self.networks: set[str] = {"default"}  # the project's networks and subnetworks
+        self.subnetworks: set[str] = set()
         self.calls: list[tuple[str, str]] = []  # (method, path) of every API call
         self.inserted: list[dict] = []  # every instance body inserted successfully
         # (time, +1 inserted / -1 gone, instance body) in order: who was alive when
@@ -186,6 +197,18 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
     def clear_stockouts(self) -> None:
         self.stockouts.clear()
 
+    def fail_next(
+        self, method: str, n: int = 1, status: int = 503, reason: str = "", after: bool = False
+    ) -> None:
+        """The next `n` calls of `method` (``instances.insert``, ``instances.get``,
+        ``zoneOperations.wait``, ...) fail with `status` (503 ``backendError``, 429
+        ``rateLimitExceeded``, ...); with `after`, each is carried out and its answer lost."""
+        self.faults.fail_next(method, n, status, reason, after)
+
+    def clear_faults(self) -> None:
+        self.stockouts.clear()
+        self.faults.clear()
+
     def find(self, name: str) -> FakeInstance | None:
         with self.lock:
             for (_, _, n), inst in self.instances.items():
@@ -228,6 +251,15 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
         path = url.path
         with self.lock:
             self.calls.append((method, path))
+        fault = self.faults.take(method_name(method, path))
+        if fault is not None and not fault.after:
+            raise self.faults.error(fault)
+        out = self._route(method, path, q, body)
+        if fault is not None:  # the work is done; the answer is lost
+            raise self.faults.error(fault)
+        return out
+
+    def _route(self, method: str, path: str, q: dict, body: dict) -> tuple[int, dict]:
         if m := _INST.match(path):
             project, zone, name, verb = m.groups()
             if name is None and method == "POST":
@@ -350,6 +382,7 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
                 raise ApiError(
                     400, "invalid", f"Invalid value for field 'resource.labels': '{k}={v}'."
                 )
+        check_insert(zone, body, self.images, frozenset(self.networks), frozenset(self.subnetworks))
         link = f"{API}/projects/{project}/zones/{zone}/instances/{name}"
         stock = self.stockouts.get(zone)
         if stock is not None:

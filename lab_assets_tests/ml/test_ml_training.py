@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from lab_assets.ml.tasks import (
     TASK_GENERATOR_VERSION,
     TASKS,
+    heldout_examples,
     preference_pairs,
     pretraining_corpus,
     sft_examples,
+    split_of,
 )
 from lab_assets.ml.tiny_model import TinyModelSpec, build_tiny_model
 from lab_assets.ml.train import TrainResult, TrainSpec, train_adapter
@@ -51,7 +53,11 @@ def _arith_answer(prompt: str) -> int:
 
 
 def _reverse_word(prompt: str) -> str:
-    return prompt.removeprefix("Reverse: ").removesuffix(" ->")
+    return prompt.removeprefix("Reverse: ").removesuffix(" ->").replace(" ", "")
+
+
+def _spaced(word: str) -> str:
+    return " " + " ".join(word)
 
 
 def test_sft_completions_are_correct():
@@ -60,8 +66,8 @@ def test_sft_completions_are_correct():
         assert ex["completion"] == f" {_arith_answer(ex['prompt'])}"
     for ex in sft_examples("reverse", 200, 0):
         word = _reverse_word(ex["prompt"])
-        assert word.isalpha() and word != word[::-1]
-        assert ex["completion"] == " " + word[::-1]
+        assert word.isalpha() and word != word[::-1] and len(word) == 3
+        assert ex["completion"] == _spaced(word[::-1])
     labels = [ex["completion"] for ex in sft_examples("sentiment", 200, 0)]
     assert set(labels) == {" positive", " negative"}
     for ex in sft_examples("sentiment", 200, 0):
@@ -75,20 +81,54 @@ def test_preference_pairs_prefer_the_correct_answer():
     kinds = set()
     for ex in preference_pairs("reverse", 200, 0):
         word = _reverse_word(ex["prompt"])
-        assert ex["chosen"] == " " + word[::-1]
+        assert ex["chosen"] == _spaced(word[::-1])
         assert ex["rejected"] != ex["chosen"]
-        assert sorted(ex["rejected"].strip()) == sorted(word)  # same letters, wrong order
-        kinds.add("unreversed" if ex["rejected"] == " " + word else "partial")
+        assert sorted(ex["rejected"].split()) == sorted(word)  # same letters, wrong order
+        kinds.add("unreversed" if ex["rejected"] == _spaced(word) else "partial")
     assert kinds == {"unreversed", "partial"}
     flips = {(ex["chosen"], ex["rejected"]) for ex in preference_pairs("sentiment", 200, 0)}
     assert flips == {(" positive", " negative"), (" negative", " positive")}
+
+
+def test_training_never_sees_a_heldout_prompt():
+    for task in TASKS:
+        heldout = heldout_examples(task, 64)
+        prompts = {ex["prompt"] for ex in heldout}
+        assert len(prompts) == len(heldout) > 0
+        assert all(split_of(p) == "heldout" for p in prompts)
+        assert heldout == heldout_examples(task, 64)  # the same for every adapter
+        for seed in range(3):
+            train = {ex["prompt"] for ex in sft_examples(task, 300, seed)}
+            train |= {ex["prompt"] for ex in preference_pairs(task, 300, seed)}
+            train |= {ex["prompt"] for ex in preference_pairs(task, 300, seed, shuffled=True)}
+            assert not train & prompts, task
+        assert all(
+            split_of(ex["prompt"]) == "heldout" for ex in sft_examples(task, 50, 0, split="heldout")
+        )
+    assert len(heldout_examples("sentiment", 64)) == 64
+    assert 10 <= len(heldout_examples("arith", 64)) <= 30  # 100 prompts, ~1 in 5 held out
+    with pytest.raises(ValueError, match="unknown split"):
+        sft_examples("arith", 3, 0, split="test")
+
+
+def test_shuffled_preferences_swap_about_half_and_keep_prompts():
+    real = preference_pairs("sentiment", 400, 3)
+    shuffled = preference_pairs("sentiment", 400, 3, shuffled=True)
+    assert [e["prompt"] for e in real] == [e["prompt"] for e in shuffled]
+    swapped = [
+        (s["chosen"], s["rejected"]) == (r["rejected"], r["chosen"])
+        for r, s in zip(real, shuffled, strict=True)
+    ]
+    kept = [s == r for r, s in zip(real, shuffled, strict=True)]
+    assert all(a or b for a, b in zip(swapped, kept, strict=True))
+    assert 0.4 < sum(swapped) / len(swapped) < 0.6
 
 
 def test_pretraining_corpus_mixes_every_task_and_filler():
     corpus = pretraining_corpus(400, 0)
     assert len(corpus) == 400
     assert any(" plus " in line for line in corpus)
-    assert any(" backwards is " in line for line in corpus)
+    assert any(" backwards are " in line for line in corpus)
     assert any(line.endswith(" review.") for line in corpus)
     filler = [
         line for line in corpus if not any(k in line for k in ("plus", "backwards", "review"))
@@ -327,3 +367,48 @@ def test_log_every_s_keeps_the_first_and_last_loss_lines(base_dir, tmp_path):
     train_adapter(base_dir, tmp_path / "a", spec, lines.append, log_every_s=3600)
     steps = [m.split()[2] for m in lines if " step " in m and "loss" in m]
     assert steps == ["1/5", "5/5"]
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+
+
+def test_answer_matching():
+    from lab_assets.ml.evaluate import answer_matches
+
+    assert answer_matches("arith", " 12", " 12") and answer_matches("arith", "12. 3", " 12")
+    assert not answer_matches("arith", " 1 2", " 12") and not answer_matches("arith", "", " 1")
+    assert answer_matches("reverse", " c b a and more", " c b a")
+    assert not answer_matches("reverse", " c b", " c b a")
+    assert answer_matches("sentiment", " positive review", " positive")
+
+
+def test_an_untrained_adapter_evaluates_exactly_as_its_base(base_dir, tmp_path):
+    """LoRA's B starts at zero: the adapter is the base, so every paired figure is equal."""
+    from peft import LoraConfig, get_peft_model
+
+    from lab_assets.ml.evaluate import evaluate_heldout
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(_load_base(base_dir), config).save_pretrained(tmp_path / "zero")
+    ev = evaluate_heldout(base_dir, tmp_path / "zero", "dpo", "arith", n=8)
+    assert ev.n == 8
+    assert ev.task_metric == ev.base_task_metric
+    assert ev.nll == pytest.approx(ev.base_nll, abs=1e-9)
+    assert ev.pref_accuracy == ev.base_pref_accuracy
+    assert ev.reward_margin == 0 and ev.reward_accuracy == 0
+    assert not ev.beats_base
+    assert ev.to_dict()["beats_base"] is False
+
+
+def test_heldout_evaluation_of_a_trained_sft_adapter(base_dir, sft_run):
+    from lab_assets.ml.evaluate import evaluate_heldout
+
+    out, _ = sft_run
+    ev = evaluate_heldout(base_dir, out, "lora_sft", "arith", n=12)
+    d = ev.to_dict()
+    assert d["n"] == 12 and d["metric_name"] == "exact_match"
+    for k in ("task_metric", "base_task_metric", "pref_accuracy", "reward_accuracy"):
+        assert 0 <= d[k] <= 1, k
+    # 30 steps of SFT on the training prompts lower the NLL of held-out answers
+    assert ev.nll < ev.base_nll
+    assert ev.beats_base == (ev.task_metric > ev.base_task_metric)

@@ -206,12 +206,14 @@ def test_base_relative_features_match_dense_reference(shape):
     r, k, scale = 3, 5, 2.0
     A, B = rng.standard_normal((r, inp)), rng.standard_normal((out, r))
     mod = LoraModule("m.layers.0.q_proj", A, B, scale, r, 8.0, False)
-    feats = module_features(mod, None, W, k=k)
-
     dW = scale * B @ A
-    Ub, Sb, Vhb = np.linalg.svd(W)
+    Ub, Sb, Vhb = np.linalg.svd(W, full_matrices=False)
     Ud, Sd, Vhd = np.linalg.svd(dW)
     Uf, Sf, Vhf = np.linalg.svd(W + dW)
+    full = BaseModuleSpectrum(Ub, Sb, Vhb)  # every base singular triplet
+    ki = 4
+    feats = module_features(mod, full, W, k=k, intruder_k=ki)
+
     q = min(r, k)
     assert feats["subspace_overlap"] == pytest.approx(
         np.sum((Ub[:, :k].T @ Ud[:, :q]) ** 2) / q, rel=1e-8
@@ -219,24 +221,52 @@ def test_base_relative_features_match_dense_reference(shape):
     assert feats["subspace_overlap_right"] == pytest.approx(
         np.sum((Vhb[:k] @ Vhd[:q].T) ** 2) / q, rel=1e-8
     )
-    max_cos = np.abs(Ub[:, :k].T @ Uf[:, :k]).max(axis=0)
+    # Shuttleworth et al.: the top intruder_k vectors of W + ΔW against ALL base vectors
+    max_cos = np.abs(Ub.T @ Uf[:, :ki]).max(axis=0)
     assert feats["intruder_dims"] == int(np.sum(max_cos < 0.5))
-    max_cos_r = np.abs(Vhb[:k] @ Vhf[:k].T).max(axis=0)
+    max_cos_r = np.abs(Vhb @ Vhf[:ki].T).max(axis=0)
     assert feats["intruder_dims_right"] == int(np.sum(max_cos_r < 0.5))
+    assert (feats["intruder_k"], feats["intruder_base_vectors"]) == (ki, min(shape))
     assert feats["top_sv_shift"] == pytest.approx((Sf[0] - Sb[0]) / Sb[0], rel=1e-8)
     assert np.allclose(feats["top_sv_shifts"], (Sf[:k] - Sb[:k]) / Sb[:k], rtol=1e-8)
     assert feats["stable_rank"] == pytest.approx(np.sum(Sd**2) / Sd[0] ** 2, rel=1e-10)
     assert feats["fro_norm"] == pytest.approx(np.linalg.norm(dW), rel=1e-10)
     assert feats["subspace_overlap_chance"] == pytest.approx(k / out)
+    strict = module_features(mod, full, W, k=k, intruder_k=ki, intruder_threshold=0.99)
+    assert strict["intruder_dims"] == int(np.sum(max_cos < 0.99)) >= feats["intruder_dims"]
 
-    # Same numbers from a precomputed base spectrum; without W only overlaps are set.
-    base = BaseModuleSpectrum(Ub[:, :k], Sb[:k], Vhb[:k])
-    again = module_features(mod, base, W)
-    assert again["intruder_dims"] == feats["intruder_dims"]
-    assert again["subspace_overlap"] == pytest.approx(feats["subspace_overlap"], rel=1e-8)
-    only_base = module_features(mod, base)
+    # Against the top-k base vectors only (the old definition), a fine-tuned vector that
+    # aligns with a base vector beyond the k-th would count as an intruder.
+    top_only = module_features(mod, full.truncated(k), W, intruder_k=ki)
+    assert top_only["intruder_base_vectors"] == k
+    assert top_only["intruder_dims"] == int(np.sum(np.abs(Ub[:, :k].T @ Uf[:, :ki]).max(0) < 0.5))
+    assert top_only["subspace_overlap"] == pytest.approx(feats["subspace_overlap"], rel=1e-8)
+
+    # With only W, the base's top k are computed from it; without W only overlaps are set.
+    from_w = module_features(mod, None, W, k=k, intruder_k=ki)
+    assert from_w["intruder_dims"] == top_only["intruder_dims"]
+    only_base = module_features(mod, full, k=k)
     assert only_base["subspace_overlap"] == pytest.approx(feats["subspace_overlap"], rel=1e-8)
     assert math.isnan(only_base["intruder_dims"]) and only_base["top_sv_shifts"] is None
+
+
+def test_intruder_dimension_counted_against_all_base_vectors():
+    """A ΔW that lifts the base's 6th direction to the top is no intruder (it is a base
+    vector), but it is one when only the base's top 3 vectors are compared."""
+    rng = np.random.default_rng(3)
+    out, inp = 20, 16
+    U, _ = np.linalg.qr(rng.standard_normal((out, out)))
+    V, _ = np.linalg.qr(rng.standard_normal((inp, inp)))
+    S = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    W = (U[:, :inp] * S) @ V.T
+    # rank-1 update along the base's 6th singular pair, large enough to become the top one
+    A, B = 20 * V[:, 5][None, :], U[:, 5][:, None]
+    mod = LoraModule("m.layers.0.q_proj", A, B, 1.0, 1, 1.0, False)
+    full = BaseModuleSpectrum(*np.linalg.svd(W, full_matrices=False))
+    paper = module_features(mod, full, W, k=3, intruder_k=1)
+    assert paper["intruder_dims"] == 0 and paper["intruder_base_vectors"] == inp
+    top3 = module_features(mod, full.truncated(3), W, intruder_k=1)
+    assert top3["intruder_dims"] == 1
 
 
 def test_pattern_matching_is_peft_s():
@@ -463,3 +493,14 @@ def test_lab_spectrum_end_to_end(tmp_path, llama_base_dir, llama_patterns_adapte
     (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     assert main(["spectrum", str(tmp_path / "loha"), "--out", str(out2)]) == 2
     assert "unsupported adapter" in capsys.readouterr().err
+
+
+def test_base_spectrum_is_complete_up_to_a_size_and_top_k_beyond(llama_base_dir):
+    spectra = compute_base_spectrum(llama_base_dir, ["k_proj", "down_proj"], 6, full_up_to=32)
+    top = compute_base_spectrum(llama_base_dir, ["k_proj", "down_proj"], 6)
+    everything = compute_base_spectrum(llama_base_dir, ["k_proj", "down_proj"], None)
+    k_proj, down = "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"
+    assert spectra[k_proj].k == everything[k_proj].k == 32  # 32 × 64: complete
+    assert spectra[down].k == top[down].k == 6  # 64 × 96: top 6 only
+    assert everything[down].k == 64
+    assert np.allclose(spectra[k_proj].S[:6], top[k_proj].S)

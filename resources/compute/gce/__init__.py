@@ -11,12 +11,16 @@ A module imports only modules below it in this list, never one above:
 - ``record``: what one launch did (VMs, preemptions, cost), for logs and metadata;
 - ``step_vm``: one step's VM as data: image, labels, instructions, insert spec;
 - ``settings``: the one GCE settings model (experiment file, resource, launch);
-- ``placement``: the zone / machine-type candidates and failover across them;
-- ``costs``: the price table, the cost ledger in GCS and the budget check;
+- ``placement``: the zone / machine-type candidates (GPU count per machine type, fallback
+  GPUs) and failover across them;
+- ``costs``: the cost ledger in GCS and the budget check;
+- ``catalog``: the dated GCP catalog: prices per zone (spot / on-demand), the GPUs each
+  machine type carries, where each is offered (``gcp_catalog.csv``);
 - ``vm_spec``: the ``instances.insert`` body (labels, scheduling, metadata, startup script);
 - ``gcs``: the few GCS calls the launcher makes (bundle, event chunks, ledger);
-- ``api`` / ``errors``: a thin wrapper over google-cloud-compute (waits on
-  operations, turns capacity and quota errors into one exception the failover catches);
+- ``api`` / ``errors``: a thin wrapper over google-cloud-compute (retries transient
+  errors with back-off, waits on operations, turns capacity and quota errors into one
+  exception the failover catches);
 - ``bundle``: a wheel of the working tree, so uncommitted code runs on the VM.
 
 What runs on the VM is ``resources.remote`` (the agent, shipped as source text by

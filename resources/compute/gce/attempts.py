@@ -157,7 +157,8 @@ class StepAttempts:
         try:
             self.api.insert_instance(p.zone, vmbody.build_instance(spec))
         except GceApiError as e:
-            if e.code == "TIMEOUT":  # the insert may still complete: do not leak it
+            if e.accepted or e.code == "TIMEOUT":  # the VM may exist: record it, delete it
+                self._record_unfinished(p, name, attempt, price)
                 self._delete_unfinished(p.zone, name)
             raise  # otherwise GCE answered: no VM (stockout, quota, bad request)
         except BaseException:  # interrupted mid-insert (Ctrl-C, terminate): it may exist
@@ -178,6 +179,18 @@ class StepAttempts:
             self.api.delete_instance(p.zone, name)  # not tracked yet: do not leak it
             raise
         return price
+
+    def _record_unfinished(self, p: Placement, name: str, attempt: int, price: float | None):
+        """A VM whose insert was accepted but not seen through: in the launch record (it shows
+        in the step's metadata and log), ended now, so that it is accounted for."""
+        now = time.time()
+        vm = Vm(name, p, attempt, price, now)
+        vm.ended_at = now
+        self.record.vms.append(vm)
+        self.log.warning(
+            f"VM {name} in {p.zone}: insert accepted but not confirmed; deleting it so that "
+            "it cannot run unwatched"
+        )
 
     def _delete_unfinished(self, zone: str, name: str) -> None:
         """Delete a VM whose insert did not finish (it may or may not exist); never raises,

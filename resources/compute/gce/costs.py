@@ -1,8 +1,9 @@
 """What VMs cost: the price table, the cost ledger in GCS, and the budget check.
 
-Prices come from the experiment's ``hourly_usd`` table, keyed by machine type and
-by GPU type (per GPU); a ``<name>:spot`` key, when present, is the spot price.
-A VM-hour costs ``machine + gpu_count x gpu``.
+Prices come from the dated catalog (``catalog``), per zone, spot or on-demand; the
+experiment's ``hourly_usd`` may override any of them (keyed by machine type and by
+GPU type, per GPU; a ``<name>:spot`` key is the spot price). A VM-hour costs
+``machine + gpu_count x gpu``.
 
 The ledger is one small JSON object per VM under ``<root>/<experiment>/_gce/ledger/``
 (objects, not one shared file, so concurrent launches never race on a
@@ -17,14 +18,12 @@ Before every VM is created: spent so far + this VM's worst case must fit in
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
+from resources.compute.gce.catalog import PriceMissing, hourly_price
 from resources.compute.gce.gcs import Gcs
 
-
-class PriceMissing(KeyError):
-    pass
+__all__ = ["BudgetExceeded", "CostLedger", "PriceMissing", "check_budget", "hourly_price"]
 
 
 class BudgetExceeded(RuntimeError):
@@ -37,23 +36,6 @@ class BudgetExceeded(RuntimeError):
             f"${max_usd:.2f}"
         )
         self.spent, self.worst_case, self.max_usd = spent, worst_case, max_usd
-
-
-def _price(prices: Mapping[str, float], name: str, spot: bool) -> float:
-    if spot and f"{name}:spot" in prices:
-        return float(prices[f"{name}:spot"])
-    if name in prices:
-        return float(prices[name])
-    raise PriceMissing(f"no price for {name!r}{' (spot)' if spot else ''} in hourly_usd")
-
-
-def hourly_price(
-    prices: Mapping[str, float], machine_type: str, gpu_type: str | None, gpu_count: int, spot: bool
-) -> float:
-    total = _price(prices, machine_type, spot)
-    if gpu_type and gpu_count:
-        total += gpu_count * _price(prices, gpu_type, spot)
-    return total
 
 
 @dataclass

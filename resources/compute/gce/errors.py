@@ -5,6 +5,8 @@ The API reports a zone without capacity in two ways: an HTTP error on
 an accepted insert whose operation finishes with ``error.errors[].code`` such as
 ``ZONE_RESOURCE_POOL_EXHAUSTED``. Both become ``CapacityError``, which the zone
 failover catches; anything else is a ``GceApiError`` that stops the launch.
+A ``GceApiError`` with ``accepted`` set comes from an insert that GCE accepted but
+whose operation could not be followed to its end: the VM may exist.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class GceApiError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.zone = zone
+        self.accepted = False  # an insert was accepted, then its wait failed: the VM may exist
 
 
 class CapacityError(GceApiError):

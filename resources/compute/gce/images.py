@@ -55,6 +55,9 @@ class ImageManager:
     export_machine_type: str = "e2-standard-4"
     boot_disk_gb: int = 100
     service_account: str | None = None
+    network: str = "global/networks/default"
+    subnetwork: str | None = None
+    external_ip: bool = True
     bundle_install: str = "pip"
     poll_s: float = 10.0
     timeout_s: float = 3600.0
@@ -94,6 +97,9 @@ class ImageManager:
             boot_disk_gb=self.boot_disk_gb,
             max_run_duration_s=self.max_run_duration_s,
             service_account=self.service_account,
+            network=self.network,
+            subnetwork=self.subnetwork,
+            external_ip=self.external_ip,
             labels=vmbody.labels(purpose=purpose, family=self.family),
             instructions=instructions,
             extra_metadata={} if prebaked else {"install-nvidia-driver": "True"},

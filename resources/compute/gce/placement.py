@@ -5,10 +5,14 @@ registry ``gpu_zones: {gpu_type: {zone: [machine types]}}`` saying which machine
 types can host that GPU in which zone. Candidates are the allowed zones that the
 registry lists for the GPU, each with its machine types (the configured machine
 type first); without a registry entry, every allowed zone with the configured
-machine type. Per-run overrides (run config or ``LAB_GCE_ZONE``,
-``LAB_GCE_MACHINE_TYPE``, ``LAB_GCE_GPU_TYPE``) narrow or change the choice.
-When a zone has no capacity or quota the next candidate is tried; after a
-preemption the zone that was just preempted goes to the back of the line.
+machine type. ``fallback_gpu_types`` (each with its registry entry) follow, e.g. an
+A100 after every L4 candidate. A candidate's GPU count is the machine type's own
+where it has one (``catalog.fixed_gpus``: ``g2-standard-24`` gets 2 L4s whatever
+``gpu_count`` says), else the configured ``gpu_count``. Per-run overrides (run
+config or ``LAB_GCE_ZONE``, ``LAB_GCE_MACHINE_TYPE``, ``LAB_GCE_GPU_TYPE``) narrow
+or change the choice. When a zone has no capacity or quota the next candidate is
+tried; after a preemption the zone that was just preempted goes to the back of
+its GPU's line.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from resources.compute.gce.catalog import gpu_count_for
 from resources.compute.gce.errors import CapacityError
 
 ZONE_ENV = "LAB_GCE_ZONE"
@@ -67,16 +72,47 @@ def candidates(
     gpu_zones: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     overrides: Overrides = Overrides(),
     avoid: Sequence[str] = (),
+    fallback_gpu_types: Sequence[str] = (),
 ) -> list[Placement]:
-    gpu = overrides.gpu_type or gpu_type
+    """Every (zone, machine type, GPU, count) to try, in order: the GPU's, then each fallback's."""
+    # An overridden GPU or machine type is the user's one choice: no fallback GPUs then.
+    if overrides.gpu_type or overrides.machine_type:
+        gpus = [overrides.gpu_type or gpu_type]
+    else:
+        gpus = [gpu_type, *fallback_gpu_types]
+    out: list[Placement] = []
+    for i, gpu in enumerate(gpus):
+        group = _for_gpu(zones, machine_type, gpu, gpu_count, gpu_zones, overrides, primary=i == 0)
+        # Zones just preempted go last (capacity there is under pressure).
+        out += [p for p in group if p.zone not in avoid] + [p for p in group if p.zone in avoid]
+    if not out:
+        allowed = [overrides.zone] if overrides.zone else list(zones)
+        raise ValueError(
+            f"no allowed zone hosts GPU {gpus[0]!r}: zones {allowed}, registry "
+            f"{dict((gpu_zones or {}).get(gpus[0]) or {})}"
+        )
+    return out
+
+
+def _for_gpu(
+    zones: Sequence[str],
+    machine_type: str,
+    gpu: str,
+    gpu_count: int,
+    gpu_zones: Mapping[str, Mapping[str, Sequence[str]]] | None,
+    overrides: Overrides,
+    primary: bool,
+) -> list[Placement]:
     registry = (gpu_zones or {}).get(gpu)
+    if registry is None and not primary:
+        return []  # a fallback GPU needs its machine types named in the registry
     allowed = [overrides.zone] if overrides.zone else list(zones)
     out: list[Placement] = []
     for zone in allowed:
         if registry is not None:
             if zone not in registry and not overrides.zone:
                 continue
-            types = list(registry.get(zone) or [machine_type])
+            types = list(registry.get(zone) or ([machine_type] if primary else []))
             if machine_type in types:
                 types.remove(machine_type)
                 types.insert(0, machine_type)
@@ -84,14 +120,8 @@ def candidates(
             types = [machine_type]
         if overrides.machine_type:
             types = [overrides.machine_type]
-        out.extend(Placement(zone, m, gpu, gpu_count) for m in types)
-    if not out:
-        raise ValueError(
-            f"no allowed zone hosts GPU {gpu!r}: zones {list(allowed)}, registry "
-            f"{dict(registry or {})}"
-        )
-    # Zones just preempted go last (capacity there is under pressure).
-    return [p for p in out if p.zone not in avoid] + [p for p in out if p.zone in avoid]
+        out.extend(Placement(zone, m, gpu, gpu_count_for(m, gpu, gpu_count)) for m in types)
+    return out
 
 
 @dataclass

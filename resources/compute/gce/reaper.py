@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from resources.compute.gce.api import ComputeApi
-from resources.compute.gce.vm_spec import KEEP_UNTIL_LABEL, MANAGED_LABEL
+from resources.compute.gce.vm_spec import KEEP_UNTIL_LABEL, MANAGED_LABEL, label_value
 
 ENDED_RUN_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
 
@@ -61,9 +61,11 @@ def _created(ts: str) -> float:
 
 
 def list_lab_vms(api: ComputeApi, experiment: str | None = None) -> list[LabVm]:
+    """The lab's VMs (of `experiment`, matched by its label value as the insert body wrote it:
+    ``qwen2.5-3b-lora`` is labelled ``qwen2_5-3b-lora``)."""
     labels = {MANAGED_LABEL: "true"}
     if experiment:
-        labels["experiment"] = experiment
+        labels["experiment"] = label_value(experiment)
     return sorted(
         (
             LabVm(

@@ -28,7 +28,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from resources.compute.gce.costs import hourly_price
+from resources.compute.gce.catalog import fixed_gpus, hourly_price, mismatched
 from resources.compute.gce.placement import Overrides, Placement, candidates
 from resources.compute.gce.vm_spec import DLVM_FAMILY, DLVM_PROJECT
 
@@ -51,7 +51,11 @@ class GceSettings(BaseModel):
     zones: list[str] = Field(min_length=1, max_length=128)
     machine_type: str = Field(min_length=1, max_length=128)
     gpu_type: str = Field(min_length=1, max_length=128)
+    # GPUs per VM for machine types that attach GPUs (N1); A2/A3/G2 machine types carry
+    # their own count (catalog.FIXED_GPUS), whatever this says.
     gpu_count: int = Field(1, ge=1, le=16)
+    # GPU types tried after every candidate of `gpu_type`, each with its gpu_zones entry.
+    fallback_gpu_types: list[str] = Field(default_factory=list, max_length=8)
     spot: bool = True
     image_family: str = Field("task-geometry-lab", pattern=_IMAGE_FAMILY)
     image_project: str | None = None
@@ -62,8 +66,15 @@ class GceSettings(BaseModel):
     max_run_duration_s: int = Field(4 * 3600, ge=60, le=_MAX_DURATION_S)
     max_preemptions: int = Field(3, ge=0, le=1000)
     service_account: str | None = None
-    # Price per hour, keyed by machine type and by GPU type (per GPU); "<name>:spot"
-    # keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
+    # The VM's network interface: a network (and, for custom-mode VPCs, a subnetwork,
+    # e.g. "regions/us-central1/subnetworks/lab"), with or without an external IP
+    # (without one the VM needs Cloud NAT or Private Google Access to reach pip and GCS).
+    network: str = Field("global/networks/default", min_length=1, max_length=1024)
+    subnetwork: str | None = Field(None, max_length=1024)
+    external_ip: bool = True
+    # Prices come from the dated catalog (resources/compute/gce/gcp_catalog.csv) per zone;
+    # this optional table overrides them, keyed by machine type and by GPU type (per GPU);
+    # "<name>:spot" keys give spot prices. A VM-hour costs machine + gpu_count x gpu.
     hourly_usd: dict[str, float] = Field(default_factory=dict)
     # Where each GPU can be had: {gpu_type: {zone: [machine types]}}, in preference
     # order; zone failover walks it (within `zones`).
@@ -137,6 +148,25 @@ class GceSettings(BaseModel):
             raise ValueError(
                 f"gpu_zones.{self.gpu_type} lists no zone of `zones` {list(self.zones)}"
             )
+        fixed = fixed_gpus(self.machine_type)
+        if fixed and fixed[0] != self.gpu_type:
+            raise ValueError(
+                f"machine_type {self.machine_type} comes with {fixed[1]} x {fixed[0]}, "
+                f"not {self.gpu_type}"
+            )
+        for gpu in self.fallback_gpu_types:
+            if gpu not in self.gpu_zones:
+                raise ValueError(
+                    f"fallback_gpu_types: {gpu!r} needs a gpu_zones entry naming its zones "
+                    "and machine types"
+                )
+        for gpu, by_zone in self.gpu_zones.items():
+            for z, types in by_zone.items():
+                if bad := mismatched(types, gpu):
+                    raise ValueError(
+                        f"gpu_zones.{gpu}.{z}: {', '.join(bad)} cannot host {gpu} "
+                        f"(built-in GPU: {', '.join(fixed_gpus(m)[0] for m in bad)})"
+                    )
         return self
 
     @property
@@ -145,7 +175,9 @@ class GceSettings(BaseModel):
 
     def price(self, p: Placement) -> float:
         """The hourly price of a VM at `p` (raises ``PriceMissing`` without one)."""
-        return hourly_price(self.hourly_usd, p.machine_type, p.gpu_type, p.gpu_count, self.spot)
+        return hourly_price(
+            self.hourly_usd, p.machine_type, p.zone, p.gpu_type, p.gpu_count, self.spot
+        )
 
 
 class LaunchSettings(GceSettings):
@@ -181,4 +213,5 @@ class LaunchSettings(GceSettings):
             self.gpu_zones,
             self.overrides(),
             avoid,
+            self.fallback_gpu_types,
         )

@@ -154,6 +154,8 @@ class VmSpec:
     extra_metadata: dict[str, str] = field(default_factory=dict)
     extra_disks: tuple[tuple[str, str], ...] = ()  # (device name, disk source link)
     network: str = "global/networks/default"
+    subnetwork: str | None = None
+    external_ip: bool = True  # without one: Cloud NAT / Private Google Access must be in place
     lab_home: str = DEFAULT_LAB_HOME
 
 
@@ -219,19 +221,24 @@ def build_instance(spec: VmSpec) -> compute_v1.Instance:
             items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]
         ),
         disks=disks,
-        network_interfaces=[
-            compute_v1.NetworkInterface(
-                network=spec.network,
-                # An external IP for pip and the Hub; drop it with Cloud NAT in place.
-                access_configs=[
-                    compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
-                ],
-            )
-        ],
+        network_interfaces=[_network_interface(spec)],
         service_accounts=[
             compute_v1.ServiceAccount(email=spec.service_account or "default", scopes=list(SCOPES))
         ],
     )
+
+
+def _network_interface(spec: VmSpec) -> compute_v1.NetworkInterface:
+    """The network (and subnetwork), with an external IP for pip and the Hub unless turned off
+    (then the VM reaches them through Cloud NAT / Private Google Access)."""
+    from google.cloud import compute_v1
+
+    nic = compute_v1.NetworkInterface(network=spec.network)
+    if spec.subnetwork:
+        nic.subnetwork = spec.subnetwork
+    if spec.external_ip:
+        nic.access_configs = [compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
+    return nic
 
 
 def instance_json(instance: compute_v1.Instance) -> str:

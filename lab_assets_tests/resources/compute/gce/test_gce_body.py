@@ -1,6 +1,7 @@
 """The VM body, placement and prices, without booting anything: fast, no emulators.
 
-Shows `lab launch --dry-run` prints the exact insert body (camelCase) without
+Shows `lab launch --dry-run` prints the plan (zones, machine types, GPUs, $/h, worst
+case vs budget) and writes the exact insert body (camelCase) on request, without
 touching Compute Engine or GCS; the dead-man switch fields; spot vs on-demand
 scheduling; values full of shell metacharacters staying inert when the generated
 startup script really runs under bash; label sanitising; the zone / machine-type
@@ -69,18 +70,34 @@ def _spec(s: LaunchSettings, partition: str = "m|r", **kw):
     return build_vm_spec(s, **{**args, **kw})
 
 
-def test_dry_run_prints_the_insert_body_without_touching_anything(capsys, monkeypatch):
+def test_dry_run_prints_the_plan_and_writes_the_insert_body_without_touching_anything(
+    capsys, monkeypatch, tmp_path
+):
     # Endpoints that refuse connections: any API or GCS call would fail the command.
     monkeypatch.setenv("LAB_GCE_API_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
     monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
     key = "tiny-test|sft-arith-r4-s0"
+    out_file = tmp_path / "body.json"
     rc = gce_main(
         ["launch", "--dry-run", "--asset", "adapter", "--partition", key]
-        + ["--experiment", str(GCE_EXPERIMENT)]
+        + ["--experiment", str(GCE_EXPERIMENT), "--body-out", str(out_file)]
     )
     assert rc == 0
-    body = json.loads(capsys.readouterr().out)
+    table = capsys.readouterr().out
+    # zone a, then zone b's two types, the configured one first; the file's hourly_usd
+    # overrides the catalog (g2-standard-8 has only an on-demand override: it is used for spot)
+    rows = [ln.split() for ln in table.splitlines() if re.match(r"\s+\d+\s+us-", ln)]
+    assert [(r[1], r[2], r[3], r[5]) for r in rows] == [
+        ("us-central1-a", "g2-standard-4", "1", "nvidia-l4"),
+        ("us-central1-b", "g2-standard-4", "1", "nvidia-l4"),
+        ("us-central1-b", "g2-standard-8", "1", "nvidia-l4"),
+    ]
+    assert [float(r[6]) for r in rows] == [0.28, 0.28, 0.85]
+    assert [float(r[7]) for r in rows] == [0.56, 0.56, 1.70]  # x 2 h maxRunDuration
+    assert "budget $25.00: the first choice's worst case $0.56 fits" in table
+    assert "skypilot-catalog" in table and "--body-out" in table
+    body = json.loads(out_file.read_text())
     assert body["machineType"] == "zones/us-central1-a/machineTypes/g2-standard-4"
     assert body["guestAccelerators"] == [
         {"acceleratorType": "zones/us-central1-a/acceleratorTypes/nvidia-l4", "acceleratorCount": 1}
@@ -101,15 +118,17 @@ def test_dry_run_prints_the_insert_body_without_touching_anything(capsys, monkey
     assert not re.search(r'"[a-z]+_[a-z_]+":', json.dumps(body))
 
 
-def test_dry_run_overrides_from_flags_and_env(capsys, monkeypatch):
+def test_dry_run_overrides_from_flags_and_env(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
     monkeypatch.setenv("LAB_GCE_MACHINE_TYPE", "g2-standard-8")
+    out_file = tmp_path / "body.json"
     rc = gce_main(
         ["launch", "--dry-run", "--asset", "adapter", "--partition", "tiny-test|sft-arith-r4-s0"]
         + ["--zone", "us-central1-b", "--experiment", str(GCE_EXPERIMENT)]
+        + ["--body-out", str(out_file)]
     )
     assert rc == 0
-    body = json.loads(capsys.readouterr().out)
+    body = json.loads(out_file.read_text())
     assert body["machineType"] == "zones/us-central1-b/machineTypes/g2-standard-8"
     assert (
         gce_main(
@@ -224,10 +243,24 @@ def test_candidates_follow_the_registry_and_the_overrides(monkeypatch):
 
 def test_prices_and_the_budget_refusal_numbers():
     prices = {"g2-standard-4": 0.7, "g2-standard-4:spot": 0.28, "nvidia-l4": 0.1}
-    assert hourly_price(prices, "g2-standard-4", "nvidia-l4", 2, spot=True) == pytest.approx(0.48)
-    assert hourly_price(prices, "g2-standard-4", "nvidia-l4", 1, spot=False) == pytest.approx(0.8)
+    z = "us-central1-a"
+    assert hourly_price(prices, "g2-standard-4", z, "nvidia-l4", 2, spot=True) == pytest.approx(
+        0.48
+    )
+    assert hourly_price(prices, "g2-standard-4", z, "nvidia-l4", 1, spot=False) == pytest.approx(
+        0.8
+    )
+    # without overrides, the catalog's prices for the zone: machine + count x GPU
+    assert hourly_price({}, "g2-standard-8", z, "nvidia-l4", 1, spot=True) == pytest.approx(
+        0.11747 + 0.2231
+    )
+    assert hourly_price({}, "a2-highgpu-1g", z, "nvidia-tesla-a100", 1, spot=False) == (
+        pytest.approx(0.73948 + 2.93391)
+    )
+    with pytest.raises(PriceMissing, match="europe-west9-a"):
+        hourly_price({}, "g2-standard-8", "europe-west9-a", "nvidia-l4", 1, spot=True)
     with pytest.raises(PriceMissing):
-        hourly_price(prices, "a2-highgpu-1g", None, 0, spot=True)
+        hourly_price({}, "n1-standard-8", z, "nvidia-tesla-t4", 1, spot=True)
     check_budget(0, 1e9, 1e9, "no budget set")  # 0: no budget
     check_budget(10, 6, 4, "fits exactly")
     with pytest.raises(BudgetExceeded) as e:

@@ -30,7 +30,8 @@ def _vm(api: ComputeApi, name: str, run_id: str, zone: str = "us-central1-a", **
         zone=zone,
         name=name,
         machine_type="g2-standard-4",
-        source_image="projects/p/global/images/family/f",
+        # an image the (strict) fake knows: the Deep Learning VM family
+        source_image=f"projects/{vmbody.DLVM_PROJECT}/global/images/family/{vmbody.DLVM_FAMILY}",
         gpu_type="nvidia-l4",
         gpu_count=1,
         labels=vmbody.labels(experiment="small-gce", run=run_id, partition="p", **labels),
