@@ -123,6 +123,8 @@ def build_vm_reaper_sensor(exp: Experiment, interval_s: int = 300):
         from resources.compute.gce.api import ComputeApi
         from resources.compute.gce.reaper import dagster_run_status, judge, list_lab_vms, reap
 
+        if exp.placeholders:  # a project like ${GCP_PROJECT:-…} not set: nothing to reap
+            return SkipReason(f"set {', '.join(exp.placeholders)} first (placeholders in use)")
         api = ComputeApi(c.project)
         status = dagster_run_status(context.instance)
         verdicts = [judge(vm, status, c.reap_after) for vm in list_lab_vms(api, exp.name)]
