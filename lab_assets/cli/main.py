@@ -6,6 +6,7 @@
 - `lab spectrum`: spectral features of any PEFT LoRA adapter (cli/spectrum.py).
 - `lab launch | vms | image`: one partition on a GCE VM, the experiment's VMs, the VM
   image (cli/gce.py).
+- `lab compare`: several experiments' results side by side, from storage (cli/compare.py).
 
 Each module's `register(subparsers)` adds its commands (nested groups as
 sub-subparsers); `main` parses once and runs the chosen command.
@@ -16,14 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lab_assets.cli import fetch, gce, runs, spectrum
+from lab_assets.cli import compare, fetch, gce, runs, spectrum
 from lab_assets.cli.common import build_tree, run
 
 DESCRIPTION = "Task-geometry lab: experiments as partitioned Dagster assets."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return build_tree(DESCRIPTION, [runs.register, fetch.register, spectrum.register, gce.register])
+    return build_tree(
+        DESCRIPTION,
+        [runs.register, fetch.register, spectrum.register, gce.register, compare.register],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
