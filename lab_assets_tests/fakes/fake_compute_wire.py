@@ -80,12 +80,20 @@ class Operation:
         return body
 
 
-def send(h: BaseHTTPRequestHandler, status: int, body: str | dict, ctype: str) -> None:
+def send(
+    h: BaseHTTPRequestHandler,
+    status: int,
+    body: str | dict,
+    ctype: str,
+    headers: dict[str, str] | None = None,
+) -> None:
     data = (json.dumps(body) if isinstance(body, dict) else body).encode()
     try:
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         h.end_headers()
         h.wfile.write(data)
     except (BrokenPipeError, ConnectionResetError):

@@ -3,7 +3,7 @@
 Split out of ``fake_compute``: the agent and the startup-script tests talk to it
 without the Compute API around it. It serves the instance's metadata items
 (``instance/attributes/<key>``), ``instance/preempted`` (with the long poll
-``wait_for_change=true``), ``instance/name``, ``instance/zone``, ``instance/id``
+``wait_for_change=true`` and ``last_etag``, as GCE answers them), ``instance/name``, ``instance/zone``, ``instance/id``
 and ``project/project-id``, and refuses a request without ``Metadata-Flavor: Google``.
 """
 
@@ -82,11 +82,25 @@ class MetadataServer:
         path = url.path.removeprefix("/computeMetadata/v1/")
         inst = self.inst
         if path == "instance/preempted":
+            # As GCE: a long poll waits for a change from the value it saw when it started,
+            # unless `last_etag` names an older value (then it answers at once); every answer
+            # carries the value's ETag. Without last_etag, a flip between two polls is only
+            # seen when the next poll times out.
+            def etag() -> str:
+                return f"{'t' if inst.preempted else 'f'}{inst.preempted:d}"
+
             if q.get("wait_for_change") == ["true"]:
                 timeout = float(q.get("timeout_sec", ["30"])[0])
                 with inst.changed:
-                    inst.changed.wait_for(lambda: inst.preempted, timeout=timeout)
-            return send(h, 200, "TRUE" if inst.preempted else "FALSE", "text/plain")
+                    seen = q.get("last_etag", [etag()])[0]
+                    inst.changed.wait_for(lambda: etag() != seen, timeout=timeout)
+            return send(
+                h,
+                200,
+                "TRUE" if inst.preempted else "FALSE",
+                "text/plain",
+                headers={"ETag": etag()},
+            )
         if path == "instance/name":
             return send(h, 200, inst.name, "text/plain")
         if path == "instance/zone":

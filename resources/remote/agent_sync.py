@@ -46,8 +46,13 @@ class LineBuffer:
 
     def write_line(self, line: str) -> None:
         if self.echo is not None:
-            self.echo.write(line + "\n")
-            self.echo.flush()
+            try:
+                self.echo.write(line + "\n")
+                self.echo.flush()
+            except (OSError, ValueError):
+                # The inherited stdout is gone (the startup-script runner that started the
+                # agent was stopped, closing its pipe): the lines still go to GCS.
+                self.echo = None
         with self._lock:
             self._lines.append(line)
 
