@@ -103,3 +103,27 @@ def patched_env(env: dict):
 
 def scratch_leftovers(root: Path) -> list[str]:
     return sorted(os.listdir(root))
+
+
+def lab_process_env(tmp_path: Path, experiment: Path = SMALL_EXPERIMENT) -> dict[str, str]:
+    """The environment of a `lab` subprocess with its own storage, scratch and instance
+    under `tmp_path` (the scratch directory is made)."""
+    (tmp_path / "scratch").mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
+        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "LAB_EXPERIMENT": str(experiment),
+    }
+
+
+def adapter_trainings(runs) -> dict[str, int]:
+    """How many runs trained each adapter partition (whatever their status)."""
+    from collections import Counter
+
+    return Counter(
+        r.tags["dagster/partition"]
+        for r in runs
+        if any(k.to_user_string() == "adapter" for k in r.asset_selection or ())
+    )

@@ -26,7 +26,12 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.execution.backfill import BulkActionStatus
 
 from lab_assets.names import OWNER_TAG, RUN_WORKER_TAG
-from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
+from lab_assets_tests.conftest import (
+    SMALL_EXPERIMENT,
+    adapter_trainings,
+    lab_process_env,
+    patched_env,
+)
 from resources.compute.local import procs
 
 
@@ -46,14 +51,7 @@ def _started_adapter_runs(instance) -> list:
 def test_a_killed_lab_leaves_nothing_that_blocks_or_duplicates_the_next_sweep(tmp_path):
     exp = tmp_path / "small-long.yaml"  # long enough to be killed mid-training
     exp.write_text(SMALL_EXPERIMENT.read_text().replace("steps: 4\n", "steps: 400\n"))
-    env = {
-        **os.environ,
-        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
-        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
-        "DAGSTER_HOME": str(tmp_path / "home"),
-        "LAB_EXPERIMENT": str(exp),
-    }
-    (tmp_path / "scratch").mkdir()
+    env = lab_process_env(tmp_path, exp)
     cmd = [sys.executable, "-m", "lab_assets.cli", "sweep"]
     first = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -142,14 +140,7 @@ def test_two_sweeps_started_together_train_each_partition_once(tmp_path):
     """Two `lab sweep` processes on one storage root and one instance: the second waits
     for the first to submit its backfill, finds every partition in flight and launches
     nothing; each adapter is trained by exactly one run."""
-    env = {
-        **os.environ,
-        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
-        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
-        "DAGSTER_HOME": str(tmp_path / "home"),
-        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
-    }
-    (tmp_path / "scratch").mkdir()
+    env = lab_process_env(tmp_path)
     (tmp_path / "home").mkdir()
     cmd = [sys.executable, "-m", "lab_assets.cli", "sweep"]
     procs_ = [
@@ -164,9 +155,5 @@ def test_two_sweeps_started_together_train_each_partition_once(tmp_path):
     with patched_env({"DAGSTER_HOME": env["DAGSTER_HOME"]}), DagsterInstance.get() as instance:
         runs = instance.get_runs()
         assert len(instance.get_backfills()) == 1
-    trained = Counter(
-        r.tags["dagster/partition"]
-        for r in runs
-        if any(k.to_user_string() == "adapter" for k in r.asset_selection or ())
-    )
+    trained = adapter_trainings(runs)
     assert len(trained) == 8 and set(trained.values()) == {1}, trained

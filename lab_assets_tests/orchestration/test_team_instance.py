@@ -10,16 +10,14 @@ in no run, tag, event or log.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
-from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
+from lab_assets_tests.conftest import adapter_trainings, lab_process_env, patched_env
 from lab_assets_tests.fakes.gcs_emulator import Emulator
 from lab_assets_tests.postgres_server import REPO_ROOT, psql
 
@@ -36,15 +34,11 @@ def emulator():
 
 def test_two_laptops_sweep_one_postgres_instance_without_duplicates(postgres, emulator, tmp_path):
     env = {
-        **os.environ,
+        **lab_process_env(tmp_path),
         **postgres,
         "LAB_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": emulator.url,
-        "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
-        "LAB_SCRATCH_ROOT": str(tmp_path / "scratch"),
-        "LAB_EXPERIMENT": str(SMALL_EXPERIMENT),
     }
-    (tmp_path / "scratch").mkdir()
     homes = []
     for name in ("laptop-a", "laptop-b"):
         home = tmp_path / name
@@ -87,11 +81,7 @@ def test_two_laptops_sweep_one_postgres_instance_without_duplicates(postgres, em
         runs = instance.get_runs()
         assert runs and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
         assert len(instance.get_backfills()) == 1
-    trained = Counter(
-        r.tags["dagster/partition"]
-        for r in runs
-        if any(k.to_user_string() == "adapter" for k in r.asset_selection or ())
-    )
+    trained = adapter_trainings(runs)
     assert len(trained) == 8 and set(trained.values()) == {1}, trained
     assert int(psql(postgres, "SELECT count(*) FROM runs")) == len(runs)  # in Postgres itself
 
