@@ -140,11 +140,12 @@ def test_spectral_code_version_stales_features_not_adapters(lab_copy, monkeypatc
     import lab_assets.experiment.versions as versions
 
     exp, instance = load_experiment(SMALL_EXPERIMENT), lab_copy["instance"]
-    monkeypatch.setitem(versions.CODE_VERSIONS, "spectral_features", "2")
+    old = versions.CODE_VERSIONS["spectral_features"]
+    monkeypatch.setitem(versions.CODE_VERSIONS, "spectral_features", f"{old}-next")
     stale = not_fresh(assess(exp, instance, store_for(exp, lab_copy)))
     assert {a for a, _ in stale} == {"spectral_features", "classification_results"}
     assert len([1 for a, _ in stale if a == "spectral_features"]) == 8
-    assert stale[("spectral_features", EDITED)].reasons == ("code version 1 → 2",)
+    assert stale[("spectral_features", EDITED)].reasons == (f"code version {old} → {old}-next",)
 
 
 def test_added_runs_are_missing_and_nothing_else_rebuilds(lab_copy):
