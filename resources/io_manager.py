@@ -12,11 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+)
 from pydantic import PrivateAttr
 
 from resources.remote import launch_info
 from resources.storage.base import ArtifactStore
+from resources.storage.links import gcs_console_url, is_gcs
 from resources.storage.open import open_store
 
 # Output metadata under this prefix is also written into the partition's manifest.
@@ -73,9 +80,9 @@ class ArtifactIOManager(ConfigurableIOManager):
             shutil.rmtree(obj, ignore_errors=True)
         context.add_output_metadata(
             {
-                "storage_uri": store.uri(_asset_name(context), partition),
-                "files": len(manifest.files),
-                "bytes": manifest.total_bytes,
+                "storage_uri": storage_link(store.uri(_asset_name(context), partition)),
+                "files": MetadataValue.int(len(manifest.files)),
+                "bytes": MetadataValue.int(manifest.total_bytes),
                 # On a GCE VM: zone, machine/GPU, spot, VM seconds and cost so far.
                 **launch_info.output_metadata(),
             }
@@ -97,6 +104,13 @@ class ArtifactIOManager(ConfigurableIOManager):
         if context.has_partition_key and len(keys) == 1:
             return store.verified_path(asset, keys[0])
         return {k: store.verified_path(asset, k) for k in keys}
+
+
+def storage_link(uri: str, *, is_file: bool = False) -> MetadataValue:
+    """A stored folder or file as typed metadata: a console URL for `gs://`, else a path."""
+    if is_gcs(uri):
+        return MetadataValue.url(gcs_console_url(uri, is_file=is_file))
+    return MetadataValue.path(uri)
 
 
 def _plain(v: Any) -> Any:

@@ -3,7 +3,9 @@
     lab fetch [--experiment FILE] [--dest DIR] [--include adapters] [--storage ROOT]
 
 Results are ``spectral_features``, ``classification_results`` and ``logs``; adapters
-(and base models or spectra) on request. The storage root may be local or
+(and base models or spectra) on request. Adapters come with the lab-built base models
+their ``adapter_config.json`` names by a relative path (``../../base_model/<model>``),
+so they load with PEFT from the destination alone; Hub bases are named by repo id. The storage root may be local or
 ``gs://bucket/prefix``. The destination mirrors storage without the experiment level,
 ``DEST/<asset>/<partition>/<files>`` plus each partition's ``manifest.json``, and is
 *synced*, not copied into: a file whose size and sha256 already match the manifest is
@@ -28,19 +30,22 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab_assets.cli.common import add_command, add_experiment
 from lab_assets.experiment.load import load_experiment, resolve_storage_root
-from lab_assets.experiment.schema import ExperimentError
+from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.schema import ExperimentError, TinySource
+from lab_assets.names import ADAPTER, BASE_MODEL
 from resources.storage.base import (
     MANIFEST_NAME,
     ArtifactStore,
     FileEntry,
     Manifest,
     StorageError,
+    partition_dirname,
     sha256_file,
 )
 from resources.storage.local import LocalArtifactStore
@@ -234,9 +239,17 @@ def _sync_raw(
 
 
 def sync_results(
-    store: ArtifactStore, assets: list[str], dest: Path, *, show_progress: bool = True
+    store: ArtifactStore,
+    assets: list[str],
+    dest: Path,
+    *,
+    show_progress: bool = True,
+    only: Mapping[str, Collection[str]] | None = None,
 ) -> FetchReport:
-    """Mirror the given assets' complete partitions from `store` into `dest/<asset>/<key>/`."""
+    """Mirror the given assets' complete partitions from `store` into `dest/<asset>/<key>/`.
+
+    ``only`` restricts an asset to the named partition folders (the others of that asset
+    are left alone in `dest`)."""
     from tqdm import tqdm
 
     dest = Path(dest)
@@ -245,6 +258,8 @@ def sync_results(
     raw_assets = []
     for asset in assets:
         keys = store.list_partitions(asset)
+        if only is not None and asset in only:
+            keys = [k for k in keys if k in only[asset]]
         for key in keys:
             manifest = store.read_manifest(asset, key)
             if manifest is not None:  # None: replaced or deleted since the listing
@@ -296,6 +311,18 @@ def _assets(includes: list[str]) -> list[str]:
     return out
 
 
+def _bases_named_by_adapters(exp: Experiment, assets: list[str]) -> dict[str, set[str]]:
+    """With adapters and without base models: the lab-built bases, whose adapters name them
+    by a path relative to their directory (``../../base_model/<model>``), so the fetched
+    adapters load where the storage root does not exist. Hub bases are named by repo id."""
+    if ADAPTER not in assets or BASE_MODEL in assets:
+        return {}
+    built = {
+        partition_dirname(m) for m in exp.model_ids if isinstance(exp.model(m).source, TinySource)
+    }
+    return {BASE_MODEL: built} if built else {}
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -339,10 +366,15 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         return 2
     dest = Path(args.dest).expanduser().resolve()
     assets = _assets(args.include)
+    bases = _bases_named_by_adapters(exp, assets)
     print(f"experiment {exp.name}: syncing {', '.join(assets)} from {root} into {dest}")
+    if bases:
+        assets.append(BASE_MODEL)
+        names = ", ".join(sorted(bases[BASE_MODEL]))
+        print(f"  with the lab-built base models the adapters name: {names}")
     try:
         store = open_store(root, exp.name)
-        report = sync_results(store, assets, dest, show_progress=not args.no_progress)
+        report = sync_results(store, assets, dest, show_progress=not args.no_progress, only=bases)
     except StorageError as e:
         print(f"lab fetch: {e}", file=sys.stderr)
         return 1

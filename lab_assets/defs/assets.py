@@ -35,12 +35,21 @@ from lab_assets.defs.checks import (
     manifest_check_result,
     manifest_check_specs,
 )
-from lab_assets.defs.metadata import line_plot_png, markdown_table, png_markdown
+from lab_assets.defs.metadata import (
+    frame_table,
+    headline,
+    line_plot_png,
+    prefixed,
+    save_plot,
+    stored_file,
+    table,
+    typed,
+)
 from lab_assets.defs.partitions import LabPartitions
 from lab_assets.defs.recipe_output import output_with_recipe
 from lab_assets.defs.scratch import output_dir
 from lab_assets.experiment.keys import split_adapter_key
-from lab_assets.experiment.resolved import Experiment
+from lab_assets.experiment.resolved import Experiment, RunSpec
 from lab_assets.experiment.schema import TinySource
 from lab_assets.experiment.versions import CODE_VERSIONS
 from lab_assets.names import (
@@ -59,10 +68,14 @@ from resources.remote.checkpointing import (
     local_checkpointing,
     preemptible_training,
 )
+from resources.storage.base import partition_dirname
 
 BASE_SPECTRUM_FILE = "base_spectrum.safetensors"
 FEATURES_FILE = "features.parquet"
 EVAL_FILE = "eval.json"
+PRETRAIN_PLOT = "pretrain_loss.png"
+LOSS_PLOT = "loss_curve.png"
+CLASSIFICATION_PLOT = "classification.png"
 
 
 def build_assets(exp: Experiment, parts: LabPartitions) -> list[AssetsDefinition]:
@@ -104,16 +117,16 @@ def _base_model_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinition
 
                 src = spec.source.model_dump(exclude={"kind"})
                 metrics = build_tiny_model(out, TinyModelSpec(**src), log=context.log.info)
+                png = line_plot_png(metrics["loss_curve"], f"{model_id} pre-training", "loss")
                 meta |= {
-                    "n_params": metrics["n_params"],
-                    "pretrain_first_loss": metrics["first_loss"],
-                    "pretrain_final_loss": metrics["final_loss"],
-                    "pretrain_wall_s": metrics["wall_s"],
-                    "pretrain_loss_curve": png_markdown(
-                        line_plot_png(metrics["loss_curve"], f"{model_id} pre-training", "loss"),
-                        "pre-training loss",
+                    "n_params": typed(int(metrics["n_params"])),
+                    "loss/pretrain/first": typed(float(metrics["first_loss"])),
+                    "loss/pretrain/final": typed(float(metrics["final_loss"])),
+                    "pretrain_wall_s": typed(float(metrics["wall_s"])),
+                    "pretrain_loss_curve": save_plot(
+                        png, out, PRETRAIN_PLOT, lab_storage, BASE_MODEL, model_id
                     ),
-                }
+                } | prefixed("hp", src)
             else:
                 fetched = model_cache.fetch(
                     spec.source.repo_id, spec.source.revision, log=context.log.info
@@ -123,7 +136,7 @@ def _base_model_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinition
                     "repo_id": spec.source.repo_id,
                     "revision": spec.source.revision,
                     "cache_tier": fetched.tier,
-                    "fetch_seconds": round(fetched.seconds, 3),
+                    "fetch_seconds": typed(float(fetched.seconds)),
                     "cache_tiers_skipped": "; ".join(fetched.skipped) or "none",
                 }
         yield output_with_recipe(exp, lab_storage, BASE_MODEL, model_id, out, meta)
@@ -160,11 +173,11 @@ def _base_spectrum_asset(exp: Experiment, parts: LabPartitions) -> AssetsDefinit
             save_base_spectrum(spectra, out / BASE_SPECTRUM_FILE)
         rows = [(name, float(s.S[0]), len(s.S)) for name, s in list(spectra.items())[:50]]
         meta = {
-            "modules": len(spectra),
-            "top_k": sp.top_k,
-            "stored_triplets": f"all up to {full_up_to}, else {k}" if full_up_to else k,
-            "seconds": round(seconds, 3),
-            "top_singular_values": markdown_table(["module", "σ1", "k"], rows),
+            "modules": typed(len(spectra)),
+            "top_k": typed(sp.top_k),
+            "stored_triplets": typed(f"all up to {full_up_to}, else {k}" if full_up_to else k),
+            "seconds": typed(seconds),
+            "top_singular_values": table([("module", str), ("σ1", float), ("k", int)], rows),
         }
         key = context.partition_key
         yield output_with_recipe(exp, lab_storage, BASE_SPECTRUM, key, out, meta)
@@ -200,6 +213,7 @@ def _adapter_asset(
     def adapter(context: AssetExecutionContext, base_model: Path):
         from lab_assets.ml.controls import SHUFFLED_PREFERENCES
         from lab_assets.ml.evaluate import evaluate_heldout
+        from lab_assets.ml.model_card import write_model_card
         from lab_assets.ml.train import TrainSpec, train_adapter
 
         model_id, run_id = split_adapter_key(context.partition_key)
@@ -217,6 +231,7 @@ def _adapter_asset(
         ckpt = preemptible_training() or local_checkpointing(
             context.partition_key, identity, spec.steps
         )
+        base_name, base_revision = _base_reference(exp, model_id)
         with output_dir(ADAPTER) as out:
             result = train_adapter(
                 base_model,
@@ -224,6 +239,8 @@ def _adapter_asset(
                 spec,
                 log=context.log.info,
                 log_every_s=1.0,  # each line is an event in the run's log
+                base_model_name=base_name,
+                base_model_revision=base_revision,
                 **ckpt,
             )
             t0 = time.perf_counter()
@@ -232,29 +249,65 @@ def _adapter_asset(
             ).to_dict()
             heldout["seconds"] = round(time.perf_counter() - t0, 3)
             (out / EVAL_FILE).write_text(json.dumps(heldout, indent=1))
+            hyper = _hyper_parameters(run)
+            write_model_card(
+                out,
+                title=f"{run_id} on {model_id}",
+                base_model=base_name,
+                base_revision=base_revision,
+                hyper=hyper,
+                heldout=heldout,
+                tags=(run.method, run.task, run.arm),
+            )
+            storage, key = context.resources.lab_storage, context.partition_key
+            curve = [float(x) for x in result.loss_curve]
+            plot = line_plot_png(curve, f"{run_id} ({run.method})", "loss")
+            plot_link = save_plot(plot, out, LOSS_PLOT, storage, ADAPTER, key)
         context.log.info(f"held-out evaluation: {heldout}")
-        curve = [float(x) for x in result.loss_curve]
-        meta = {
-            "method": run.method,
-            "task": run.task,
-            "seed": run.seed,
-            "arm": run.arm,
-            "first_loss": float(result.first_loss),
-            "final_loss": float(result.final_loss),
-            "steps": int(result.steps),
-            "wall_s": round(float(result.wall_s), 3),
-            "trainable_params": int(result.trainable_params),
-            "device": result.device,
-            "precision": result.precision,
-            "loss_curve": png_markdown(line_plot_png(curve, run_id, "loss"), "loss curve"),
-        } | _heldout_metadata(heldout)
-        storage, key = context.resources.lab_storage, context.partition_key
+        # Loss keys per method: the UI's Plots tab draws one line per key across partitions,
+        # and SFT's cross-entropy (~4.7) and DPO's sigmoid loss (~0.69) are not comparable.
+        loss = f"loss/{run.method}"
+        meta = (
+            prefixed("hp", hyper)
+            | {
+                f"{loss}/first": typed(float(result.first_loss)),
+                f"{loss}/final": typed(float(result.final_loss)),
+                "steps": typed(int(result.steps)),
+                "wall_s": typed(float(result.wall_s)),
+                "trainable_params": typed(int(result.trainable_params)),
+                "device": typed(result.device),
+                "precision": typed(result.precision),
+                "base_model": typed(base_name),
+                "loss_curve": plot_link,
+            }
+            | _heldout_metadata(heldout)
+        )
+        from lab_assets.defs.tracking import track_adapter  # MLflow; never fails the step
+
+        meta |= track_adapter(context, exp, run, result, heldout, storage.store.uri(ADAPTER, key))
         yield output_with_recipe(exp, storage, ADAPTER, key, out, meta)
         discard_local_checkpoints(ckpt)  # the adapter is stored: nothing to resume
         yield manifest_check_result(storage, ADAPTER, key)
         yield heldout_check_result(heldout)
 
     return adapter
+
+
+def _base_reference(exp: Experiment, model_id: str) -> tuple[str, str | None]:
+    """How an adapter's config names its base: the Hub repo id and revision, or the lab's
+    own base as a path relative to the adapter's directory (``../../base_model/<model>``),
+    valid in storage and in what ``lab fetch`` writes."""
+    source = exp.model(model_id).source
+    if isinstance(source, TinySource):
+        return f"../../{BASE_MODEL}/{partition_dirname(model_id)}", None
+    return source.repo_id, source.revision
+
+
+def _hyper_parameters(run: RunSpec) -> dict:
+    """What an adapter was made with: method, task, seed, arm and every training field."""
+    return {"method": run.method, "task": run.task, "seed": run.seed, "arm": run.arm} | dict(
+        run.hyper.model_dump()
+    )
 
 
 def _heldout_metadata(heldout: dict) -> dict:
@@ -271,7 +324,7 @@ def _heldout_metadata(heldout: dict) -> dict:
         "reward_accuracy",
         "reward_margin",
     ):
-        meta[f"heldout/{k}"] = MetadataValue.float(float(heldout[k]))
+        meta[f"heldout/{k}"] = typed(float(heldout[k]))
     meta["heldout/beats_base"] = MetadataValue.bool(bool(heldout["beats_base"]))
     return meta
 
@@ -346,11 +399,11 @@ def _features_metadata(df: pd.DataFrame, seconds: float) -> dict:
     )
     preview_cols = [c for c in preview if c in df.columns]
     return {
-        "modules": len(df),
-        "seconds": round(seconds, 4),
-        "mean_stable_rank": float(df["stable_rank"].mean()),
-        "max_spectral_norm": float(df["spectral_norm"].max()),
-        "preview": MetadataValue.md(df[preview_cols].head(20).to_markdown(index=False)),
+        "modules": typed(len(df)),
+        "seconds": typed(seconds),
+        "mean_stable_rank": typed(float(df["stable_rank"].mean())),
+        "max_spectral_norm": typed(float(df["spectral_norm"].max())),
+        "preview": frame_table(df[preview_cols], max_rows=20),
     }
 
 
@@ -386,14 +439,18 @@ def _classification_asset(exp: Experiment) -> AssetsDefinition:
         plotted, results = classify_with_controls(frames, labels, n_perm)
         seconds = time.perf_counter() - t0
         X = feature_matrix(frames)
-        meta: dict = {"adapters": len(X), "features": X.shape[1], "seconds": round(seconds, 2)}
+        meta: dict = {
+            "adapters": typed(len(X)),
+            "features": typed(int(X.shape[1])),
+            "seconds": typed(seconds),
+        }
         with output_dir(CLASSIFICATION) as out:
-            plot_report(plotted, out / "classification.png")
+            plot_report(plotted, out / CLASSIFICATION_PLOT)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             X.assign(**{c: labels[c] for c in ("method", "task", "group", "arm")}).to_parquet(
                 out / "feature_matrix.parquet"
             )
-            meta["plot"] = png_markdown(out / "classification.png", "confusion matrices")
+            meta["plot"] = stored_file(lab_storage, CLASSIFICATION, None, CLASSIFICATION_PLOT)
         meta |= _classification_metadata(results)
         yield output_with_recipe(exp, lab_storage, CLASSIFICATION, None, out, meta)
         yield manifest_check_result(lab_storage, CLASSIFICATION, None)
@@ -404,48 +461,60 @@ def _classification_asset(exp: Experiment) -> AssetsDefinition:
 def _classification_metadata(results: dict) -> dict:
     """Per target: the headline (scale-free) results, the controls beside them, the verdict,
     top features and confusion matrix; the control arms; the p-value floor."""
+    floor = float(results["p_value_floor"])
     meta: dict = {
-        "headline_feature_set": results["headline_feature_set"],
-        "p_value_floor": float(results["p_value_floor"]),
-        "n_permutations": int(results["n_permutations"]),
+        "headline": MetadataValue.text(
+            "; ".join(headline(t, results[t], floor) for t in ("method", "task"))
+        ),
+        "headline_feature_set": typed(str(results["headline_feature_set"])),
+        "p_value_floor": typed(floor),
+        "n_permutations": typed(int(results["n_permutations"])),
     }
     for target in ("method", "task"):
         res = results[target]
-        for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high", "model"):
-            v = res[k]
-            meta[f"{target}_{k}"] = float(v) if isinstance(v, (int, float)) else str(v)
-        meta[f"{target}_cv"] = f"{res['cv']}, {res['model']}, scale-free features"
+        meta[f"{target}_headline"] = MetadataValue.text(headline(target, res, floor))
+        for k in ("accuracy", "chance", "p_value", "ci_low", "ci_high"):
+            meta[f"{target}_{k}"] = typed(None if res[k] is None else float(res[k]))
+        meta[f"{target}_model"] = typed(str(res["model"]))
+        meta[f"{target}_cv"] = typed(f"{res['cv']}, {res['model']}, scale-free features")
         verdict = results["verdicts"][target]
         statement = verdict["statement"]
         if "at_matched_norm" in verdict:
             statement += f"; {verdict['at_matched_norm']}"
         meta[f"{target}_verdict"] = MetadataValue.text(statement)
-        meta[f"{target}_explained_by_norm"] = bool(results["verdicts"][target]["explained_by_norm"])
-        meta[f"{target}_controls"] = markdown_table(
-            ["feature set", "accuracy", "95% CI", "p"],
-            [
-                [name, r["accuracy"], f"{r['ci_low']:.2f}-{r['ci_high']:.2f}", r["p_value"]]
-                for name, r in results["feature_sets"][target].items()
-            ],
+        meta[f"{target}_explained_by_norm"] = typed(bool(verdict["explained_by_norm"]))
+        meta[f"{target}_controls"] = table(_SCORE_COLUMNS, _scores(results["feature_sets"][target]))
+        meta[f"{target}_top_features"] = table(
+            [("feature", str), ("importance", float)], res["top_features"][:10]
         )
-        meta[f"{target}_top_features"] = markdown_table(
-            ["feature", "importance"], res["top_features"][:10]
-        )
-        meta[f"{target}_confusion"] = markdown_table(
-            ["true \\ pred", *res["labels"]],
+        meta[f"{target}_confusion"] = table(
+            [("true / predicted", str), *((str(lab), int) for lab in res["labels"])],
             [[lab, *row] for lab, row in zip(res["labels"], res["confusion"], strict=True)],
         )
     rows = []
     for arm, comp in results["control_arms"].items():
-        for name, r in comp["feature_sets"].items():
-            if "accuracy" in r:
-                ci = f"{r['ci_low']:.2f}-{r['ci_high']:.2f}"
-                rows.append([arm, comp["question"], name, r["accuracy"], ci, r["p_value"]])
+        scored = {n: r for n, r in comp["feature_sets"].items() if "accuracy" in r}
+        rows += [[arm, comp["question"], *row] for row in _scores(scored)]
     if rows:
-        meta["control_arms"] = markdown_table(
-            ["arm", "question", "features", "accuracy", "95% CI", "p"], rows
-        )
+        meta["control_arms"] = table([("arm", str), ("question", str), *_SCORE_COLUMNS], rows)
     return meta
+
+
+_SCORE_COLUMNS = [
+    ("features", str),
+    ("accuracy", float),
+    ("ci_low", float),
+    ("ci_high", float),
+    ("p_value", float),
+]
+
+
+def _scores(by_feature_set: dict) -> list[list]:
+    """One row per feature set: name, accuracy, 95% CI bounds, permutation p-value."""
+    return [
+        [name, r["accuracy"], r["ci_low"], r["ci_high"], r["p_value"]]
+        for name, r in by_feature_set.items()
+    ]
 
 
 def _labels(exp: Experiment, key: str) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
+from lab_assets.defs.metadata import sig
 from resources.io_manager import LabStorage
 
 MANIFEST_INTACT = "manifest_intact"
@@ -69,6 +70,6 @@ def heldout_check_result(evaluation: dict[str, Any]) -> AssetCheckResult:
         check_name=BEATS_BASE_HELDOUT,
         passed=bool(evaluation["beats_base"]),
         severity=AssetCheckSeverity.WARN,
-        metadata={k: MetadataValue.float(float(evaluation[k])) for k in keys}
+        metadata={k: MetadataValue.float(sig(float(evaluation[k]))) for k in keys}
         | {"n_heldout": MetadataValue.int(int(evaluation["n"]))},
     )

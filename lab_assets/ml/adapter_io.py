@@ -144,6 +144,33 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def set_base_model(adapter_dir: str | Path, name: str, revision: str | None = None) -> None:
+    """Point ``adapter_config.json`` at its base portably: a Hub repo id (and revision), or
+    a path relative to the adapter directory (e.g. ``../../base_model/<model>``).
+
+    PEFT records whatever path the base was loaded from (a worker's scratch or a storage
+    root of the machine that trained it); this replaces it after saving, so the config
+    names a base that exists wherever the adapter is copied with its base (``lab fetch``).
+    """
+    path = _adapter_path(adapter_dir, ADAPTER_CONFIG)
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = name
+    config["revision"] = revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def resolve_base_model(adapter_dir: str | Path) -> str:
+    """The base named in ``adapter_config.json``: a relative path resolved against the
+    adapter directory when that directory exists, else the name as is (a Hub repo id)."""
+    config = json.loads(_adapter_path(adapter_dir, ADAPTER_CONFIG).read_text())
+    name = str(config.get("base_model_name_or_path") or "")
+    if name.startswith(("./", "../")):
+        candidate = (Path(adapter_dir) / name).resolve()
+        if candidate.is_dir():
+            return str(candidate)
+    return name
+
+
 def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
     """Same matching rule as ``peft.utils.other.get_pattern_key`` (kept in step by a test)."""
     for key in pattern_keys:

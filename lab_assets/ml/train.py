@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
 from lab_assets.ml import LLAMA_TARGET_MODULES
+from lab_assets.ml.adapter_io import set_base_model
 from lab_assets.ml.tasks import preference_pairs, sft_examples
 from lab_assets.ml.tiny_model import torch_cpu_threads
 
@@ -183,6 +184,8 @@ def train_adapter(
     cpu_threads: int | None = 1,
     extra_callbacks: Sequence[TrainerCallback] = (),
     log_every_s: float = 0.0,
+    base_model_name: str | None = None,
+    base_model_revision: str | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter per ``spec`` on the model in ``base_model_dir``; save it to ``out_dir``.
 
@@ -201,6 +204,10 @@ def train_adapter(
     ``extra_callbacks`` are added to the Trainer's (e.g. the GCE launcher's
     checkpoint-on-preemption callback). ``log`` gets every step's loss, or with
     ``log_every_s`` the first and last and at most one per that many seconds.
+
+    ``base_model_name`` (and ``base_model_revision``), when given, replace the base path
+    PEFT records in ``adapter_config.json`` (``adapter_io.set_base_model``): a Hub repo
+    id, or a path relative to ``out_dir``, so the saved adapter names its base portably.
     """
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {', '.join(METHODS)}")
@@ -224,6 +231,8 @@ def train_adapter(
         trainer_dir = Path(checkpoint_dir)
         resume, finished = _resume_point(trainer_dir, out_dir, spec, device, precision, t0, log)
         if finished is not None:
+            if base_model_name is not None:
+                set_base_model(out_dir, base_model_name, base_model_revision)
             return finished
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +259,8 @@ def train_adapter(
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(out_dir)
         (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        if base_model_name is not None:
+            set_base_model(out_dir, base_model_name, base_model_revision)
         # After a resume, log_history also holds the steps from before the restart.
         loss_curve = _loss_curve(trainer.state.log_history)
         global_step = int(trainer.state.global_step)

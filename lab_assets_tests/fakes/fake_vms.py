@@ -1,9 +1,11 @@
 """The fake Compute Engine's VM lifecycle: boot runs the agent; stop, delete, preempt end it.
 
 Split out of ``fake_compute`` as a mixin of ``FakeCompute``. An instance "boots"
-by running the lab's agent (``python -m resources.remote.agent``) in a local
-subprocess (its own session, so the whole process group can be signalled) whose
-``GCE_METADATA_HOST`` names the instance's ``MetadataServer``. Ending a VM
+as GCE's guest agent boots it: its own ``startup-script`` metadata runs with bash,
+in a local subprocess (its own session, so the whole process group can be signalled)
+whose ``GCE_METADATA_HOST`` names the instance's ``MetadataServer``; the script
+fetches the agent's modules from that server and execs the agent in the "image's"
+venv (this interpreter). An instance with no startup script runs the agent directly. Ending a VM
 follows GCE: STOPPING while the agent gets SIGTERM and a grace period, then
 SIGKILL, then the instance is gone; a delete's operation is DONE only after that.
 """
@@ -105,21 +107,45 @@ class VmLifecycle:
                 (devices / f"google-{d['deviceName']}").write_bytes(
                     (src or {}).get("_content", b"\0" * 4096)
                 )
+        lab_home = inst.home / "lab"
         env = {
             **os.environ,
             **self.agent_env,
             "GCE_METADATA_HOST": inst.metadata_server.host,
-            "LAB_AGENT_HOME": str(inst.home / "lab"),
+            "LAB_AGENT_HOME": str(lab_home / "run"),
             "LAB_AGENT_DEVICE_ROOT": str(devices),
             "PYTHONUNBUFFERED": "1",
+            # The startup script's $LAB_HOME (default /opt/lab), and where the step worker
+            # finds the lab's code with `bundle_install: skip` (the image's venv has it).
+            "LAB_HOME": str(lab_home),
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+            ),
         }
+        script = inst.metadata_items().get("startup-script")
+        if script:
+            # What GCE's guest agent does at boot: run the instance's startup script with
+            # bash. The pre-baked image's venv is this interpreter; the script fetches the
+            # agent's modules from the metadata server and execs the agent from them.
+            venv = lab_home / "venv"
+            ours = Path(self.python).parent.parent  # this interpreter's venv, if it is one
+            if not venv.exists():
+                lab_home.mkdir(parents=True, exist_ok=True)
+                if (ours / "pyvenv.cfg").is_file():
+                    venv.symlink_to(ours, target_is_directory=True)  # its site-packages too
+                else:
+                    (venv / "bin").mkdir(parents=True)
+                    (venv / "bin" / "python").symlink_to(self.python)
+            argv, cwd = ["bash", "-c", script], inst.home
+        else:
+            argv, cwd = [self.python, "-m", "resources.remote.agent"], REPO_ROOT
         log = open(inst.home / "serial.log", "ab")
         with self.lock:
             if (inst.project, inst.zone, inst.name) not in self.instances:
                 return
             inst.proc = subprocess.Popen(
-                [self.python, "-m", "resources.remote.agent"],
-                cwd=str(REPO_ROOT),
+                argv,
+                cwd=str(cwd),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
