@@ -80,7 +80,7 @@ class ArtifactIOManager(ConfigurableIOManager):
             shutil.rmtree(obj, ignore_errors=True)
         context.add_output_metadata(
             {
-                "storage_uri": storage_link(store.uri(_asset_name(context), partition)),
+                **storage_metadata(store.uri(_asset_name(context), partition)),
                 "files": MetadataValue.int(len(manifest.files)),
                 "bytes": MetadataValue.int(manifest.total_bytes),
                 # On a GCE VM: zone, machine/GPU, spot, VM seconds and cost so far.
@@ -104,6 +104,17 @@ class ArtifactIOManager(ConfigurableIOManager):
         if context.has_partition_key and len(keys) == 1:
             return store.verified_path(asset, keys[0])
         return {k: store.verified_path(asset, k) for k in keys}
+
+
+def storage_metadata(uri: str) -> dict[str, MetadataValue]:
+    """Where a partition is stored: `storage_uri` as the store names it (a path, or the
+    `gs://` URI to paste into gcloud), and for GCS also `storage_console`, its web page."""
+    if is_gcs(uri):
+        return {
+            "storage_uri": MetadataValue.text(uri),
+            "storage_console": MetadataValue.url(gcs_console_url(uri)),
+        }
+    return {"storage_uri": MetadataValue.path(uri)}
 
 
 def storage_link(uri: str, *, is_file: bool = False) -> MetadataValue:

@@ -35,7 +35,7 @@ from lab_assets.experiment.versions import (
 )
 from lab_assets.names import ADAPTERS_JOB, BASE_MODELS_JOB, CLASSIFICATION_JOB
 from lab_assets.orchestration.runner import PlannedRun
-from resources.io_manager import storage_link
+from resources.io_manager import storage_metadata
 from resources.storage.base import CHEAP, FULL, ArtifactStore
 
 MISSING, STALE, CORRUPT, FRESH = "missing", "stale", "corrupt", "fresh"
@@ -173,7 +173,7 @@ def reconcile_events(
                     metadata={
                         "lab/fingerprint": fp,
                         "lab/recipe": recipe,
-                        "storage_uri": storage_link(store.uri(asset, p)),
+                        **storage_metadata(store.uri(asset, p)),
                         "files": len(manifest.files),
                         "bytes": manifest.total_bytes,
                         "reconciled": True,

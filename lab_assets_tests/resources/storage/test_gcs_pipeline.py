@@ -88,6 +88,9 @@ def test_partitions_round_trip_through_gcs(emulator, tmp_path, monkeypatch):
         assert result.success
         mats = result.asset_materializations_for_node("weights")
         assert mats[0].metadata["storage_uri"].value == f"{root}/{EXPERIMENT}/weights/{key}"
+        assert mats[0].metadata["storage_console"].value == (
+            f"https://console.cloud.google.com/storage/browser/{BUCKET}/lab/{EXPERIMENT}/weights/{key}"
+        )
     result = materialize([weights, stats, summary], selection=[summary], resources=resources)
     assert result.success
 
