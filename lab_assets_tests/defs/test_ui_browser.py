@@ -8,6 +8,7 @@ and watches the run list until that run succeeds. Chromium is Debian's
 a browser of its own.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -56,7 +57,6 @@ def webserver(tmp_path):
     # unpredictable moment; this instance has "seen" it (dagster/_core/nux.py).
     (home / ".nux").mkdir()
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
-    port = free_port()
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -64,7 +64,15 @@ def webserver(tmp_path):
         "LAB_STORAGE_ROOT": str(tmp_path / "storage"),
         "LAB_SCRATCH_ROOT": str(tmp_path),
     }
-    log = open(tmp_path / "webserver.log", "w")
+    with dagster_webserver(env, tmp_path / "webserver.log") as url:
+        yield {"url": url, "storage": tmp_path / "storage", "shots": tmp_path}
+
+
+@contextlib.contextmanager
+def dagster_webserver(env: dict[str, str], log_path: Path):
+    """`dagster-webserver` over workspace.yaml on a free 127.0.0.1 port; yields its URL."""
+    port = free_port()
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -91,9 +99,9 @@ def webserver(tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError((tmp_path / "webserver.log").read_text()[-3000:]) from None
+                    raise RuntimeError(log_path.read_text()[-3000:]) from None
                 time.sleep(1)
-        yield {"url": url, "storage": tmp_path / "storage", "shots": tmp_path}
+        yield url
     finally:
         proc.terminate()
         try:
