@@ -107,8 +107,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     check_storage(exp)
     from dagster import DagsterInstance
 
-    from lab_assets.cli.progress import backfill_with_progress
+    from lab_assets.cli.progress import backfill_with_progress, settle_leftovers
     from lab_assets.orchestration.instance import ensure_dagster_home
+    from resources.storage.open import open_store
 
     ensure_dagster_home()
     run_config: dict[str, Any] | None = None
@@ -116,6 +117,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         run_config = {"resources": {"step_launcher": {"config": overrides}}}
     title = f"lab launch: {args.asset}[{args.partition}]"
     with DagsterInstance.get() as instance:
+        if not settle_leftovers(instance, open_store(exp.storage_root, exp.name)):
+            return 130
         return backfill_with_progress(
             instance, exp, [(args.asset, args.partition)], title, run_config=run_config
         )
