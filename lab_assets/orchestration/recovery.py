@@ -22,8 +22,6 @@ Backfills from the UI carry no owner and are left to the daemon that serves them
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 
 from lab_assets.names import OWNER_TAG, RUN_WORKER_TAG
-from resources.compute.local import procs
+from resources import procs
 from resources.compute.local import scratch as scratch_dirs
 from resources.storage.base import ArtifactStore
 
@@ -47,8 +45,7 @@ _UNLAUNCHED_GRACE_S = 120.0  # a run STARTING this long with no worker recorded 
 
 def owner_tags() -> dict[str, str]:
     """The tag naming this process as a backfill's submitter."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": procs.start_time(os.getpid())}
-    return {OWNER_TAG: json.dumps(me)}
+    return {OWNER_TAG: json.dumps(procs.identity())}
 
 
 def owner_gone(raw: str | None) -> bool:
@@ -57,15 +54,7 @@ def owner_gone(raw: str | None) -> bool:
         owner = json.loads(raw) if raw else None
     except ValueError:
         return False
-    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
-        return False
-    pid = int(owner.get("pid") or 0)
-    if pid == os.getpid():
-        return False
-    if pid <= 0 or not procs.alive(pid):
-        return True
-    start = owner.get("start")
-    return start is not None and procs.start_time(pid) not in (None, start)
+    return isinstance(owner, dict) and procs.gone(owner)
 
 
 @dataclass

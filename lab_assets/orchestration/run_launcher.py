@@ -45,7 +45,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
 from lab_assets.names import RUN_WORKER_TAG
-from resources.compute.local import procs
+from resources import procs
 
 RUN_WORKER_MODULE = "lab_assets.orchestration.run_worker"
 
@@ -100,7 +100,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         log_path = self._log_path(run.run_id)
         with open(log_path, "ab") as log:
             pid, how = self._start(run, args, log.fileno())
-        worker = {"host": socket.gethostname(), "pid": pid, "start": procs.start_time(pid)}
+        worker = procs.identity(pid)
         self._instance.add_run_tags(run.run_id, {RUN_WORKER_TAG: json.dumps(worker)})
         self._instance.report_engine_event(
             f"Run worker started ({how}, pid {pid}); its output: {log_path}", run

@@ -21,7 +21,7 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 from lab_assets.names import RUN_WORKER_TAG
 from lab_assets.orchestration.daemon import daemon_serves
 from lab_assets_tests.conftest import SMALL_EXPERIMENT, patched_env
-from resources.compute.local import procs
+from resources import procs
 
 
 def _instance(env):

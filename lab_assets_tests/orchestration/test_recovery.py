@@ -32,7 +32,7 @@ from lab_assets_tests.conftest import (
     lab_process_env,
     patched_env,
 )
-from resources.compute.local import procs
+from resources import procs
 
 
 def _dead_pid() -> int:

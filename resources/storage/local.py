@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from resources import procs
 from resources.storage.base import (
     CHEAP,
     FULL,
@@ -203,7 +204,7 @@ class LocalArtifactStore(ArtifactStore):
                     old = time.time() - d.stat().st_mtime > _LEFTOVER_AGE_S
                 except OSError:
                     continue
-                if (mine and not _pid_alive(int(m.group(2)))) or old:
+                if (mine and not procs.alive(int(m.group(2)))) or old:
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d)
         return removed
@@ -269,23 +270,6 @@ class LocalArtifactStore(ArtifactStore):
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TOKEN = re.compile(r"-([0-9a-f]{8})\.(\d+)-[0-9a-f]{8}$")  # host hash, pid, random
 _LEFTOVER_AGE_S = 24 * 3600.0  # another host's (or an unnamed) leftover counts as dead by then
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _write_atomic(path: Path, text: str) -> None:

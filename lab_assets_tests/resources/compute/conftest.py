@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from resources.compute.local.procs import alive as proc_alive
 from resources.compute.local.warm_server import stop_servers
+from resources.procs import alive as proc_alive
 from resources.remote.protocol import WARM_PRELOAD_ENV, WARM_SOCKET_DIR_ENV
 
 

@@ -15,11 +15,10 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
-from resources.compute.local import procs
+from resources import procs
 from resources.remote.protocol import SCRATCH_ROOT_ENV
 
 OWNER_FILE = "owner.json"
@@ -34,18 +33,7 @@ def default_root() -> Path:
 
 def claim(scratch: Path) -> None:
     """Record this process as the owner of `scratch`."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": procs.start_time(os.getpid())}
-    (scratch / OWNER_FILE).write_text(json.dumps(me))
-
-
-def _owner_alive(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's (a shared scratch root): not ours to judge
-    pid = int(owner.get("pid") or 0)
-    if pid <= 0 or not procs.alive(pid):
-        return False
-    start = owner.get("start")
-    return start is None or procs.start_time(pid) in (None, start)
+    (scratch / OWNER_FILE).write_text(json.dumps(procs.identity()))
 
 
 def remove_leaked(root: Path) -> list[Path]:
@@ -58,7 +46,7 @@ def remove_leaked(root: Path) -> list[Path]:
             continue
         try:
             owner = json.loads((d / OWNER_FILE).read_text())
-            leaked = isinstance(owner, dict) and not _owner_alive(owner)
+            leaked = isinstance(owner, dict) and procs.gone(owner)
         except (OSError, ValueError):  # no owner file: not one of ours, or being made now
             continue
         if leaked:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import resources
-from resources.compute.local.procs import alive
+from resources.procs import alive
 from resources.remote import fork_child, fork_server
 from resources.remote.protocol import (
     WARM_IDLE_TIMEOUT_ENV,

@@ -9,6 +9,7 @@ unknown (None). Standard library only.
 from __future__ import annotations
 
 import os
+import socket
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -38,3 +39,21 @@ def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (None: unknown or gone)."""
     fields = _stat_fields(pid)
     return fields[19] if fields and len(fields) > 19 else None
+
+
+def identity(pid: int | None = None) -> dict:
+    """Who a process is, to record beside what it owns: host, pid and start time."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "start": start_time(pid)}
+
+
+def gone(record: dict) -> bool:
+    """True if `record` (from `identity`) names a process of this host that no longer
+    runs (dead, a zombie, or its pid now another process's). Another host's: False."""
+    if record.get("host") != socket.gethostname():
+        return False
+    pid = int(record.get("pid") or 0)
+    if pid <= 0 or not alive(pid):
+        return True
+    start = record.get("start")
+    return start is not None and start_time(pid) not in (None, start)
