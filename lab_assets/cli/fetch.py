@@ -5,11 +5,12 @@
 Results are ``spectral_features``, ``classification_results`` and ``logs``; adapters
 (and base models or spectra) on request. Adapters come with the lab-built base models
 their ``adapter_config.json`` names by a relative path (``../../base_model/<model>``),
-so they load with PEFT from the destination alone; Hub bases are named by repo id. The storage root may be local or
-``gs://bucket/prefix``. The destination mirrors storage without the experiment level,
-``DEST/<asset>/<partition>/<files>`` plus each partition's ``manifest.json``, and is
-*synced*, not copied into: a file whose size and sha256 already match the manifest is
-skipped, a changed one is replaced (downloaded beside it, checked, then renamed into
+so they load with PEFT from the destination alone; Hub bases are named by repo id. The
+storage root may be local or ``gs://bucket/prefix``. The destination mirrors storage
+without the experiment level, ``DEST/<asset>/<partition folder>/<files>`` (the storage's
+shell-safe folder names, ``tiny-llama+dpo-arith-r8-s0``) plus each partition's
+``manifest.json``, and is *synced*, not copied into: a file whose size and sha256
+already match the manifest is skipped, a changed one is replaced (downloaded beside it, checked, then renamed into
 place), and a file the manifest no longer lists is removed from that partition's
 directory. Running it twice copies nothing the second time and never nests
 ``results/results``.
@@ -96,7 +97,7 @@ def _is_current(path: Path, size: int, sha256: str) -> bool:
 
 
 def _plan_partition(dest: Path, asset: str, partition: str, manifest: Manifest) -> _PartitionPlan:
-    pdir = dest / asset / partition
+    pdir = dest / asset / partition_dirname(partition)
     stale = [f for f in manifest.files if not _is_current(pdir / f.path, f.size, f.sha256)]
     listed = {f.path for f in manifest.files} | {MANIFEST_NAME}
     extra = []
@@ -120,7 +121,7 @@ def _replace_into(staging: Path, pdir: Path, rels: list[str]) -> None:
 def _copy_partition(
     store: ArtifactStore, plan: _PartitionPlan, dest: Path, progress: Callable[[int], None]
 ) -> None:
-    pdir = dest / plan.asset / plan.partition
+    pdir = dest / plan.asset / partition_dirname(plan.partition)
     pdir.mkdir(parents=True, exist_ok=True)
     staging = pdir / f"{_STAGING}{uuid.uuid4().hex[:8]}"
     rels = [f.path for f in plan.stale]
@@ -280,11 +281,13 @@ def sync_results(
         file=sys.stderr,
     ) as bar:
         for plan in plans:
-            pdir = dest / plan.asset / plan.partition
+            pdir = dest / plan.asset / partition_dirname(plan.partition)
             report.up_to_date += len(plan.manifest.files) - len(plan.stale)
             if plan.stale:
                 _copy_partition(store, plan, dest, bar.update)
-                report.copied += [f"{plan.asset}/{plan.partition}/{f.path}" for f in plan.stale]
+                report.copied += [
+                    f"{plan.asset}/{partition_dirname(plan.partition)}/{f.path}" for f in plan.stale
+                ]
                 report.bytes_copied += sum(f.size for f in plan.stale)
             for p in plan.extra:
                 p.unlink()
@@ -317,9 +320,7 @@ def _bases_named_by_adapters(exp: Experiment, assets: list[str]) -> dict[str, se
     adapters load where the storage root does not exist. Hub bases are named by repo id."""
     if ADAPTER not in assets or BASE_MODEL in assets:
         return {}
-    built = {
-        partition_dirname(m) for m in exp.model_ids if isinstance(exp.model(m).source, TinySource)
-    }
+    built = {m for m in exp.model_ids if isinstance(exp.model(m).source, TinySource)}
     return {BASE_MODEL: built} if built else {}
 
 

@@ -34,6 +34,7 @@ from lab_assets.defs.resources import gce_compute, gce_settings
 from lab_assets.experiment.load import load_experiment
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.experiment.schema import ExperimentError, HubSource
+from resources.storage.base import partition_from_dirname
 
 # Assets whose step runs through the step launcher (the rest run in the plan process).
 LAUNCHED_ASSETS = {"adapter": "adapters_job"}
@@ -238,7 +239,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_experiment(p, "$LAB_EXPERIMENT")
     p.add_argument("--asset", required=True, help="asset to materialise, e.g. adapter")
-    p.add_argument("--partition", required=True, help="partition key, e.g. 'tiny-llama|sft-…'")
+    p.add_argument(
+        "--partition",
+        required=True,
+        type=_partition_key,
+        help="partition key, e.g. 'tiny-llama|sft-…', or its storage folder name tiny-llama+sft-…",
+    )
     p.add_argument("--zone", help="this zone only (else $LAB_GCE_ZONE, else the experiment's)")
     p.add_argument("--machine-type", help="override the machine type ($LAB_GCE_MACHINE_TYPE)")
     p.add_argument("--gpu-type", help="override the GPU type ($LAB_GCE_GPU_TYPE)")
@@ -251,6 +257,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--body-out", metavar="FILE", help="with --dry-run: write the insert body here")
     _register_vms(subparsers)
     _register_image(subparsers)
+
+
+def _partition_key(raw: str) -> str:
+    """A partition key as Dagster writes it (`model|run`) or as its storage folder is
+    named (`model+run`, no shell quoting needed)."""
+    return raw if "|" in raw else partition_from_dirname(raw)
 
 
 def _register_vms(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ import pytest
 from lab_assets.cli.main import main
 from lab_assets_tests.conftest import SMALL_EXPERIMENT
 from lab_assets_tests.fakes.gcs_emulator import Emulator
-from resources.storage.base import MANIFEST_NAME
+from resources.storage.base import MANIFEST_NAME, partition_dirname
 from resources.storage.open import open_store
 
 BUCKET = "fetch-test"
@@ -97,7 +97,7 @@ def expected_results(include_adapters: bool = False) -> dict[str, bytes]:
         if asset == "adapter" and not include_adapters:
             continue
         for rel, data in files.items():
-            out[f"{asset}/{key or 'all'}/{rel}"] = data
+            out[f"{asset}/{partition_dirname(key)}/{rel}"] = data
     out.update({f"logs/{rel}": data for rel, data in LOG_FILES.items()})
     return out
 
@@ -112,7 +112,7 @@ def test_fetch_twice_is_idempotent_and_never_nests(root, tmp_path, monkeypatch, 
     first = capsys.readouterr().out
     dest = tmp_path / "results"
     assert without_manifests(tree(dest)) == expected_results()
-    assert (dest / "spectral_features" / "tiny-test|sft-arith-r4-s0" / MANIFEST_NAME).is_file()
+    assert (dest / "spectral_features" / "tiny-test+sft-arith-r4-s0" / MANIFEST_NAME).is_file()
     assert "copied 7 files" in first
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
 
@@ -127,7 +127,7 @@ def test_fetch_twice_is_idempotent_and_never_nests(root, tmp_path, monkeypatch, 
 def test_fetch_replaces_changed_files_and_removes_stale_ones(root, tmp_path, capsys):
     dest = tmp_path / "out"
     assert main(["fetch", "--dest", str(dest), "--no-progress"]) == 0
-    part = dest / "spectral_features" / "tiny-test|dpo-arith-r4-s0"
+    part = dest / "spectral_features" / "tiny-test+dpo-arith-r4-s0"
     (part / "features.parquet").write_bytes(b"B" * 6999 + b"C")  # same size, other bytes
     (part / "leftover.tmp").write_bytes(b"x")
     (dest / "logs" / "orchestrator.log").write_bytes(b"truncated")

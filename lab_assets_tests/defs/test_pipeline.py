@@ -177,8 +177,7 @@ def test_fetched_adapter_loads_with_peft_without_the_storage_root(lab, tmp_path)
     args = ["fetch", "--storage", str(storage), "--dest", str(dest), "--include", "adapters"]
     assert main([*args, "--no-progress"]) == 0
     shutil.rmtree(storage)  # the machine that trained it is gone
-    key = f"{MODEL}|dpo-arith-r4-s0"
-    adapter_dir = dest / "adapter" / key
+    adapter_dir = dest / "adapter" / f"{MODEL}+dpo-arith-r4-s0"  # shell-safe folder name
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == f"../../base_model/{MODEL}"
     card = (adapter_dir / "README.md").read_text()

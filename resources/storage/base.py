@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 MANIFEST_NAME = "manifest.json"
 UNPARTITIONED = "all"
@@ -164,13 +165,33 @@ def scan_dir(src: Path) -> tuple[FileEntry, ...]:
     )
 
 
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
 def partition_dirname(partition: str | None) -> str:
-    """The directory name of a partition: its key, verbatim, or `all` for unpartitioned."""
+    """The directory name of a partition: `all` for unpartitioned, else its key made
+    shell-safe and reversible. Dagster's `|` between dimensions becomes `+`
+    (`tiny-llama|dpo-arith-r8-s0` -> `tiny-llama+dpo-arith-r8-s0`); any other character
+    outside ``[A-Za-z0-9._-]`` (and a leading dot) becomes `%XX`, as in a URL, so the
+    name needs no quoting in a shell and `partition_from_dirname` gives the key back."""
     if partition is None:
         return UNPARTITIONED
-    if not partition or "/" in partition or partition in {".", ".."} or "\0" in partition:
+    if not partition or "\0" in partition:
         raise StorageError(f"partition key {partition!r} cannot name a directory")
-    return partition
+    out = []
+    for i, ch in enumerate(partition):
+        if ch == "|":
+            out.append("+")
+        elif ch in _PLAIN and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.append("".join(f"%{b:02X}" for b in ch.encode()))
+    return "".join(out)
+
+
+def partition_from_dirname(name: str) -> str:
+    """The partition key a directory name (`partition_dirname`) stands for."""
+    return unquote(name.replace("+", "|"), errors="strict")
 
 
 _ASSET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

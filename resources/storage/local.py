@@ -49,6 +49,7 @@ from resources.storage.base import (
     Manifest,
     StorageError,
     partition_dirname,
+    partition_from_dirname,
     scan_dir,
     verify_dir,
 )
@@ -214,7 +215,7 @@ class LocalArtifactStore(ArtifactStore):
         if not base.is_dir():
             return []
         return sorted(
-            p.name
+            partition_from_dirname(p.name)
             for p in base.iterdir()
             if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
         )

@@ -92,10 +92,10 @@ def test_commit_read_list_verify_with_the_disk_layout(store, tmp_path):
     assert [f.path for f in m.files] == ["adapter_config.json", "weights/a.safetensors"]
     assert store.read_manifest("adapter", "tiny|sft-arith-r4-s0") == m
     assert store.uri("adapter", "tiny|sft-arith-r4-s0") == (
-        f"gs://{BUCKET}/{tmp_path.name}/exp/adapter/tiny|sft-arith-r4-s0"
+        f"gs://{BUCKET}/{tmp_path.name}/exp/adapter/tiny+sft-arith-r4-s0"
     )
     objs = names(store, "adapter")
-    base = f"{tmp_path.name}/exp/adapter/tiny|sft-arith-r4-s0"
+    base = f"{tmp_path.name}/exp/adapter/tiny+sft-arith-r4-s0"
     assert f"{base}/{MANIFEST_NAME}" in objs
     commit_dirs = {n[len(base) + 1 :].split("/")[0] for n in objs if n != f"{base}/manifest.json"}
     assert len(commit_dirs) == 1 and commit_dirs.pop().startswith(COMMIT_DIR_PREFIX)

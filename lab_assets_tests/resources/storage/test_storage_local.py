@@ -1,6 +1,7 @@
 """The local artifact store: manifest last, nothing half-there, corruption detected."""
 
 import json
+import shlex
 import shutil
 
 import pytest
@@ -27,7 +28,8 @@ def test_commit_layout_and_manifest(tmp_path):
     store = LocalArtifactStore(str(tmp_path / "root"), "exp")
     src = make_src(tmp_path, {"a.bin": b"x" * 10, "sub/b.json": b"{}"})
     m = store.commit("adapter", "tiny|sft-arith-r8-s0", src, metadata={"fingerprint": "f1"})
-    d = tmp_path / "root" / "exp" / "adapter" / "tiny|sft-arith-r8-s0"
+    # The folder is the key made shell-safe; listing gives the key back.
+    d = tmp_path / "root" / "exp" / "adapter" / "tiny+sft-arith-r8-s0"
     assert store.local_path("adapter", "tiny|sft-arith-r8-s0") == d
     on_disk = json.loads((d / MANIFEST_NAME).read_text())
     assert on_disk["files"] == [
@@ -86,10 +88,21 @@ def test_verify_finds_corruption_and_truncation(tmp_path):
     assert any(p.endswith("/c: missing") for p in problems)
 
 
-@pytest.mark.parametrize("key", ["a/b", "..", ""])
-def test_unsafe_names_refused(tmp_path, key):
+def test_unsafe_names_refused(tmp_path):
     store = LocalArtifactStore(str(tmp_path), "exp")
     with pytest.raises(StorageError):
-        store.commit("adapter", key, make_src(tmp_path, {"a": b"1"}))
+        store.commit("adapter", "", make_src(tmp_path, {"a": b"1"}))
     with pytest.raises(StorageError):
         store.uri("../etc", "p")
+
+
+@pytest.mark.parametrize(
+    ("key", "folder"),
+    [("a/b", "a%2Fb"), ("..", "%2E."), ("m|r x$(id)", "m+r%20x%24%28id%29"), ("m|a+b", "m+a%2Bb")],
+)
+def test_partition_folders_are_shell_safe_and_give_the_key_back(tmp_path, key, folder):
+    store = LocalArtifactStore(str(tmp_path), "exp")
+    store.commit("adapter", key, make_src(tmp_path, {"a": b"1"}))
+    assert [p.name for p in (tmp_path / "exp" / "adapter").iterdir() if p.is_dir()] == [folder]
+    assert shlex.quote(folder) == folder
+    assert store.list_partitions("adapter") == [key]

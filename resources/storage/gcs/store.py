@@ -28,6 +28,7 @@ from resources.storage.base import (
     Manifest,
     StorageError,
     partition_dirname,
+    partition_from_dirname,
     verify_dir,
 )
 from resources.storage.gcs.cache import default_cache_dir
@@ -106,7 +107,7 @@ class GCSArtifactStore(ArtifactStore):
         for b in self.session.list(self.bucket, prefix, "name"):
             parts = b.name[len(prefix) :].split("/")
             if len(parts) == 2 and parts[1] == MANIFEST_NAME:
-                keys.add(parts[0])
+                keys.add(partition_from_dirname(parts[0]))
         return sorted(keys)
 
     def verify(self, asset: str, partition: str | None) -> list[str]:
