@@ -99,6 +99,8 @@ def _train(context: AssetExecutionContext, config: WorkConfig, out: Path) -> Non
 def gce_work(context: AssetExecutionContext, config: WorkConfig):
     scratch = Path(os.environ[SCRATCH_ENV])
     context.log.info(f"worker pid {os.getpid()} scratch {scratch}")
+    print("plain worker output", flush=True)  # relayed at INFO
+    print("UserWarning: a warning the worker printed", flush=True)  # relayed at WARNING
     out = scratch / "out"
     out.mkdir()
     (out / "result.txt").write_text("done")

@@ -26,6 +26,7 @@ from resources.compute.gce.gcs import Gcs
 from resources.compute.gce.record import LaunchRecord, Vm
 from resources.compute.gce.settings import LaunchSettings
 from resources.compute.local.launcher import StepWorkerError, describe_exit
+from resources.compute.worker_lines import WorkerLines
 from resources.remote import protocol
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class VmFollower:
         self.events = ChunkReader(gcs, f"{prefix}/{protocol.EVENTS_DIR}", "jsonl")
         self.logs = ChunkReader(gcs, f"{prefix}/{protocol.LOGS_DIR}", "txt")
         self.decoder = EventDecoder()
+        self.lines = WorkerLines()
         self.recent: collections.deque[str] = collections.deque(maxlen=40)
         self.ended = False
         self.resumed = vm.attempt > 1
@@ -84,7 +86,8 @@ class VmFollower:
             time.sleep(s.poll_interval_s)
 
     def relay(self) -> Iterator[DagsterEvent]:
-        """Everything new in the two streams: events into the run, log lines at debug level."""
+        """Everything new in the two streams: events into the run, each output line once, at
+        its own level (``WorkerLines``: echoes of Dagster log events are dropped)."""
         for data in self.events.poll():
             for entry in self.decoder.feed(data):
                 ev = entry.dagster_event if entry.is_dagster_event else None
@@ -98,7 +101,9 @@ class VmFollower:
         for data in self.logs.poll():
             for line in data.decode("utf-8", "replace").splitlines():
                 self.recent.append(line)
-                self.step_context.log.debug(f"[{self.vm.name}] {line}")
+                level = self.lines.level(line)
+                if level is not None:
+                    self.step_context.log.log(level, f"[{self.vm.name}] {line}")
 
     def _note(self, ev: DagsterEvent) -> None:
         if ev.event_type == DagsterEventType.STEP_SUCCESS:

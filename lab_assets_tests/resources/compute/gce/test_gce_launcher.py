@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -35,8 +36,17 @@ def test_success_relays_records_and_deletes_the_vm(gce, gce_instance, gcs_emulat
         meta = _materialization(result)
     body = gce.inserted[before]
     name = body["name"]
-    # the worker ran in the "VM" and its log line arrived in the run
-    assert any(m.startswith("worker pid") for m in msgs)
+    # the worker ran in the "VM" and its log line arrived in the run, once, as its event
+    # (the worker's console echo of it is not relayed a second time)
+    assert len([m for m in msgs if "worker pid" in m]) == 1
+    assert not [m for m in msgs if " - dagster - " in m]
+    levels = {
+        (e.user_message or "").split("] ", 1)[-1]: e.level
+        for e in gce_instance.all_logs(result.run_id)
+        if not e.is_dagster_event
+    }
+    assert levels["plain worker output"] == logging.INFO
+    assert levels["UserWarning: a warning the worker printed"] == logging.WARNING
     assert any(f"VM {name} deleted" in m for m in msgs)
     assert gce.find(name) is None and name in [d["name"] for d in gce.deleted]
     # dead-man switch and spot scheduling as sent to instances.insert
