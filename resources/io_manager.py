@@ -45,7 +45,9 @@ class LabStorage(ConfigurableResource):
 
 
 def _asset_name(context: InputContext | OutputContext) -> str:
-    return "/".join(context.asset_key.path)
+    """The stored asset's name: the key's last part (a key prefix, such as the experiment's
+    name when several share an instance, is already the store's experiment level)."""
+    return context.asset_key.path[-1]
 
 
 class ArtifactIOManager(ConfigurableIOManager):

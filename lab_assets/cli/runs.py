@@ -149,7 +149,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             if recorded:
                 print(f"reconciled {len(recorded)} partitions from storage into {home}")
         statuses = assess(exp, instance, store, verify=args.verify)
-        busy = in_flight(instance)
+        busy = in_flight(instance, exp.asset_prefix)
         coming = [st for st in statuses if st.state != FRESH and (st.asset, st.partition) in busy]
         for st in coming:
             where = f"[{st.partition}]" if st.partition else ""

@@ -91,7 +91,7 @@ class LabOutdated(AutomationCondition):
             return AutomationResult(context, candidates)
         view = context.asset_graph_view
         keys = self._assessment.outdated(
-            view.instance, context.evaluation_time, context.key.to_user_string()
+            view.instance, context.evaluation_time, context.key.path[-1]
         )
         if not candidates.is_partitioned:
             true = candidates if keys else context.get_empty_subset()

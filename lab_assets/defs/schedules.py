@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 from dagster import (
+    AssetKey,
     AssetSelection,
     AutomationConditionSensorDefinition,
     BetaWarning,
@@ -50,7 +51,10 @@ def _sensor(exp: Experiment, when: str, interval_s: int) -> AutomationConditionS
     return AutomationConditionSensorDefinition(
         REBUILD_SENSOR,
         target=AssetSelection.assets(
-            BASE_MODEL, BASE_SPECTRUM, ADAPTER, SPECTRAL_FEATURES, CLASSIFICATION
+            *(
+                AssetKey(exp.key_path(n))
+                for n in (BASE_MODEL, BASE_SPECTRUM, ADAPTER, SPECTRAL_FEATURES, CLASSIFICATION)
+            )
         ),
         default_status=DefaultSensorStatus.RUNNING if cron else DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=interval_s,

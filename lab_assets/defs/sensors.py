@@ -13,9 +13,10 @@ Dagster instance does not know (manifest present, fingerprint read from it), so 
 fresh instance recomputes nothing.
 
 For experiments whose compute is ``gce``, every few minutes the reaper lists the project's lab VMs of this experiment and deletes
-those whose Dagster run has ended (the launcher should have deleted them: an
-orchestrator was killed mid-step), those kept with ``keep_vm`` past their time,
-and those older than ``compute.reap_after_s``. It never requests runs; each tick
+them by their agents' life signs: a stale heartbeat, idle past its idle time, kept
+with ``keep_vm`` past its time, past its deadline or older than
+``compute.reap_after_s`` (never because its Dagster run ended: a step runs on
+without its orchestrator). It never requests runs; each tick
 says what it did in its skip reason (visible on the sensor's page).
 """
 
@@ -33,7 +34,7 @@ from dagster import (
     sensor,
 )
 
-from lab_assets.defs.resources import gce_compute
+from lab_assets.defs.resources import gce_compute, gce_settings
 from lab_assets.experiment.resolved import Experiment
 from lab_assets.names import REAPER_SENSOR, RECONCILE_SENSOR, STALENESS_SENSOR
 from lab_assets.orchestration.sweep import FRESH, PartitionStatus, assess, reconcile_events
@@ -54,7 +55,9 @@ def build_staleness_sensor(
     )
     def lab_staleness(context: SensorEvaluationContext):
         statuses = assess(exp, context.instance, storage.store)
-        events, verdicts = staleness_events(statuses, json.loads(context.cursor or "{}"))
+        events, verdicts = staleness_events(
+            statuses, json.loads(context.cursor or "{}"), exp.asset_prefix
+        )
         for e in events:
             context.log.info(f"{e.asset_key.to_user_string()}[{e.partition}]: {_why(e)}")
         if not events:
@@ -66,7 +69,7 @@ def build_staleness_sensor(
 
 
 def staleness_events(
-    statuses: list[PartitionStatus], previous: dict[str, list]
+    statuses: list[PartitionStatus], previous: dict[str, list], prefix: tuple[str, ...] = ()
 ) -> tuple[list[AssetObservation], dict[str, list]]:
     """Observations for partitions whose verdict changed, and the verdicts now (not fresh)."""
     verdicts = {s.ref: [s.state, list(s.reasons)] for s in statuses if s.state != FRESH}
@@ -78,7 +81,7 @@ def staleness_events(
         why = "; ".join(s.reasons) if s.reasons else "matches its recipe again"
         events.append(
             AssetObservation(
-                asset_key=s.asset,
+                asset_key=[*prefix, s.asset],
                 partition=s.partition,
                 description=f"{s.state}: {why}",
                 metadata={"lab/state": s.state, "lab/why": why},
@@ -115,19 +118,21 @@ def build_vm_reaper_sensor(exp: Experiment, interval_s: int = 300):
         minimum_interval_seconds=interval_s,
         default_status=DefaultSensorStatus.RUNNING,
         description=(
-            f"Deletes {exp.name}'s GCE VMs whose run has ended, kept VMs past their time, "
-            f"and VMs older than {c.reap_after / 3600:.1f} h."
+            f"Deletes {exp.name}'s GCE VMs whose agent's heartbeat is stale, idle VMs past "
+            f"their idle time, kept VMs past their time, and VMs older than "
+            f"{c.reap_after / 3600:.1f} h."
         ),
     )
     def gce_vm_reaper(context: SensorEvaluationContext):
         from resources.compute.gce.api import ComputeApi
-        from resources.compute.gce.reaper import dagster_run_status, judge, list_lab_vms, reap
+        from resources.compute.gce.gcs import Gcs
+        from resources.compute.gce.reaper import dagster_run_status, judge_all, reap
 
         if exp.placeholders:  # a project like ${GCP_PROJECT:-…} not set: nothing to reap
             return SkipReason(f"set {', '.join(exp.placeholders)} first (placeholders in use)")
         api = ComputeApi(c.project)
         status = dagster_run_status(context.instance)
-        verdicts = [judge(vm, status, c.reap_after) for vm in list_lab_vms(api, exp.name)]
+        verdicts = judge_all(api, Gcs(), gce_settings(exp), status, c.reap_after)
         done = reap(api, verdicts, log=context.log.info)
         kept = len(verdicts) - len(done)
         return SkipReason(

@@ -29,6 +29,9 @@ from resources.remote.protocol import GsUriError, parse_gs_uri
 
 EXPERIMENT_ENV = "LAB_EXPERIMENT"
 STORAGE_ENV = "LAB_STORAGE_ROOT"
+# Set (to 1) where several experiments share one Dagster instance: every asset key is
+# prefixed with its experiment's name (`tiny/adapter`), so the keys never collide.
+PREFIX_ENV = "LAB_PREFIX_ASSET_KEYS"
 DEFAULT_EXPERIMENT = Path("experiments") / "tiny.yaml"  # relative to the current directory
 _VAR = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -142,5 +145,21 @@ def parse_experiment(text: str, path: Path, storage_root: str | None = None) -> 
     runs = expand_runs(f, path)
     check_analysis(f, runs, path)
     return Experiment(
-        path=path, text=text, file=f, storage_root=root, runs=runs, placeholders=placeholders
+        path=path,
+        text=text,
+        file=f,
+        storage_root=root,
+        runs=runs,
+        placeholders=placeholders,
+        asset_prefix=(key_prefix(f.name),) if prefixed_keys() else (),
     )
+
+
+def prefixed_keys() -> bool:
+    """Whether asset keys carry the experiment's name (``$LAB_PREFIX_ASSET_KEYS``)."""
+    return os.environ.get(PREFIX_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def key_prefix(name: str) -> str:
+    """An experiment name as an asset-key prefix (Dagster allows only [A-Za-z0-9_])."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)

@@ -61,6 +61,13 @@ class Experiment(_Strict):
     # Environment variables the file left at their ${NAME:-default} placeholder (load.py):
     # the experiment validates, but nothing may touch the cloud until they are set.
     placeholders: tuple[str, ...] = ()
+    # Asset keys are `<prefix...>/<asset>`: empty (the default: `adapter`, ...), or the
+    # experiment's name when several experiments share one Dagster instance (load.py).
+    asset_prefix: tuple[str, ...] = ()
+
+    def key_path(self, asset: str) -> list[str]:
+        """The Dagster asset key path of `asset` (`adapter` or `[tiny, adapter]`)."""
+        return [*self.asset_prefix, asset]
 
     def require_settings(self, what: str) -> None:
         """Refuse `what` while a placeholder stands in for a real value."""

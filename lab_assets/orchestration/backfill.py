@@ -49,12 +49,13 @@ def asset_graph_subset(exp: Experiment, targets: Iterable[AssetPartition]) -> As
     unpartitioned: set[AssetKey] = set()
     for asset, partition in targets:
         if partition is None:
-            unpartitioned.add(AssetKey(asset))
+            unpartitioned.add(AssetKey(exp.key_path(asset)))
         else:
             keys.setdefault(asset, []).append(partition)
     return AssetGraphSubset(
         partitions_subsets_by_asset_key={
-            AssetKey(a): defs_by_asset[a].subset_with_partition_keys(ks) for a, ks in keys.items()
+            AssetKey(exp.key_path(a)): defs_by_asset[a].subset_with_partition_keys(ks)
+            for a, ks in keys.items()
         },
         non_partitioned_asset_keys=unpartitioned,
     )

@@ -54,7 +54,7 @@ def reconstructable_job(exp: Experiment, job: str) -> ReconstructableJob:
     return build_reconstructable_job(
         DEFINITIONS_MODULE,
         JOB_RECONSTRUCTOR,
-        reconstructable_args=(exp.text, str(exp.path), exp.storage_root, job),
+        reconstructable_args=(exp.text, str(exp.path), exp.storage_root, job, exp.asset_prefix),
     )
 
 
@@ -67,7 +67,7 @@ def run_planned(
     """Execute one planned run; raises `RunFailed` with the step errors if it fails."""
     recon_job = reconstructable_job(exp, planned.job)
     job_def = recon_job.get_definition()
-    selection = [AssetKey(a) for a in planned.assets] if planned.assets else None
+    selection = [AssetKey(exp.key_path(a)) for a in planned.assets] if planned.assets else None
     tags = dict(
         job_def.get_tags_for_partition_key(planned.partition, selected_asset_keys=selection)
         if planned.partition

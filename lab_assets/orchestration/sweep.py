@@ -60,13 +60,16 @@ class Recorded:
     recipe: Recipe | None
 
 
-def recorded(instance: DagsterInstance, asset: str) -> dict[str | None, Recorded]:
-    """The latest materialisation's fingerprint (and recipe) per partition of `asset`."""
+def recorded(
+    instance: DagsterInstance, asset: str, prefix: tuple[str, ...] = ()
+) -> dict[str | None, Recorded]:
+    """The latest materialisation's fingerprint (and recipe) per partition of `asset` (whose
+    key is `prefix/asset`: see `Experiment.asset_prefix`)."""
     out: dict[str | None, Recorded] = {}
     cursor = None
     while True:
         result = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AssetKey(asset)), limit=1000, cursor=cursor
+            AssetRecordsFilter(asset_key=AssetKey([*prefix, asset])), limit=1000, cursor=cursor
         )
         for rec in result.records:  # newest first
             if rec.partition_key in out:
@@ -101,7 +104,7 @@ def assess(
     expected = expected_recipes(exp)
     statuses = []
     for asset in ASSET_ORDER:
-        seen = recorded(instance, asset)
+        seen = recorded(instance, asset, exp.asset_prefix)
         for p in all_partitions(exp, asset):
             want = expected[(asset, p)]
             have = seen.get(p)
@@ -156,7 +159,7 @@ def reconcile_events(
     """Materialisations for storage's complete partitions that this instance does not know."""
     events = []
     for asset in ASSET_ORDER:
-        seen = recorded(instance, asset)
+        seen = recorded(instance, asset, exp.asset_prefix)
         for p in all_partitions(exp, asset):
             manifest = store.read_manifest(asset, p)
             if manifest is None or "fingerprint" not in manifest.metadata:
@@ -167,7 +170,7 @@ def reconcile_events(
             recipe = manifest.metadata.get("recipe") or {}
             events.append(
                 AssetMaterialization(
-                    asset_key=asset,
+                    asset_key=exp.key_path(asset),
                     partition=p,
                     description="reconciled from storage",
                     metadata={
@@ -189,7 +192,7 @@ def reconcile(exp: Experiment, instance: DagsterInstance, store: ArtifactStore) 
     events = reconcile_events(exp, instance, store)
     for e in events:
         instance.report_runless_asset_event(e)
-    return [ref(e.asset_key.to_user_string(), e.partition) for e in events]
+    return [ref(e.asset_key.path[-1], e.partition) for e in events]
 
 
 def sweep_targets(statuses: Iterable[PartitionStatus]) -> list[tuple[str, str | None]]:
@@ -197,10 +200,17 @@ def sweep_targets(statuses: Iterable[PartitionStatus]) -> list[tuple[str, str | 
     return [(s.asset, s.partition) for s in statuses if s.state != FRESH]
 
 
-def in_flight(instance: DagsterInstance) -> dict[tuple[str, str | None], str]:
+def in_flight(
+    instance: DagsterInstance, prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, str | None], str]:
     """(asset, partition) → what is already rebuilding it: a backfill still requested
     (its targets not yet materialised or failed) or a queued or running run. A sweep
-    leaves these out, so two sweeps (or a sweep beside a UI backfill) build each once."""
+    leaves these out, so two sweeps (or a sweep beside a UI backfill) build each once.
+    Only keys under `prefix` count (another experiment's `adapter` is not this one's)."""
+
+    def name(key: AssetKey) -> str | None:
+        return key.path[-1] if tuple(key.path[:-1]) == tuple(prefix) else None
+
     from dagster import DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
@@ -212,10 +222,8 @@ def in_flight(instance: DagsterInstance) -> dict[tuple[str, str | None], str]:
             continue
         settled = data.materialized_subset | data.failed_and_downstream_subset
         for ap in data.target_subset.iterate_asset_partitions():
-            if ap not in settled:
-                busy[(ap.asset_key.to_user_string(), ap.partition_key)] = (
-                    f"backfill {b.backfill_id}"
-                )
+            if ap not in settled and name(ap.asset_key):
+                busy[(name(ap.asset_key), ap.partition_key)] = f"backfill {b.backfill_id}"
     running = RunsFilter(
         statuses=[
             DagsterRunStatus.QUEUED,
@@ -227,7 +235,8 @@ def in_flight(instance: DagsterInstance) -> dict[tuple[str, str | None], str]:
     for run in instance.get_runs(running):
         partition = run.tags.get("dagster/partition")
         for key in run.asset_selection or ():
-            busy.setdefault((key.to_user_string(), partition), f"run {run.run_id[:8]}")
+            if name(key):
+                busy.setdefault((name(key), partition), f"run {run.run_id[:8]}")
     return busy
 
 

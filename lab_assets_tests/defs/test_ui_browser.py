@@ -69,8 +69,9 @@ def webserver(tmp_path):
 
 
 @contextlib.contextmanager
-def dagster_webserver(env: dict[str, str], log_path: Path):
-    """`dagster-webserver` over workspace.yaml on a free 127.0.0.1 port; yields its URL."""
+def dagster_webserver(env: dict[str, str], log_path: Path, workspace: str = "workspace.yaml"):
+    """`dagster-webserver` over the repo's `workspace` file on a free 127.0.0.1 port; yields
+    its URL."""
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -83,7 +84,7 @@ def dagster_webserver(env: dict[str, str], log_path: Path):
             "-p",
             str(port),
             "-w",
-            str(TESTS_DIR.parent / "workspace.yaml"),
+            str(TESTS_DIR.parent / workspace),
         ],
         cwd=TESTS_DIR.parent,
         env=env,
