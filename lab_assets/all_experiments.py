@@ -57,7 +57,7 @@ def build_repositories(files: list[Path]) -> dict[str, RepositoryDefinition]:
     repos: dict[str, RepositoryDefinition] = {}
     origin: dict[str, Path] = {}
     for path in files:
-        exp = load_experiment(path)
+        exp = load_experiment(path, named_by=f"${EXPERIMENTS_DIR_ENV}")
         name = key_prefix(exp.name)
         if name in repos:
             raise ExperimentError(

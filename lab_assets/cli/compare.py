@@ -255,7 +255,9 @@ def plot(compared: list[Compared], path: Path) -> Path | None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    compared = [collect(load_experiment(p)) for p in args.experiments]
+    compared = [
+        collect(load_experiment(p, named_by="lab compare's arguments")) for p in args.experiments
+    ]
     names = [c.exp.name for c in compared]
     if len(set(names)) != len(names):
         print(f"lab compare: two files name the same experiment: {names}", file=sys.stderr)

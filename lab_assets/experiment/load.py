@@ -99,26 +99,34 @@ def resolve_storage_root(raw: str, relative_to: Path) -> str:
     return str((p if p.is_absolute() else relative_to / p).resolve())
 
 
-def experiment_path(path: str | os.PathLike[str] | None = None) -> Path:
-    """The experiment file to use: `path`, else `$LAB_EXPERIMENT`, else ./experiments/tiny.yaml."""
+def experiment_path(
+    path: str | os.PathLike[str] | None = None, named_by: str = "--experiment"
+) -> Path:
+    """The experiment file to use: `path` (given as `named_by`, for errors), else
+    `$LAB_EXPERIMENT`, else ./experiments/tiny.yaml."""
     if path is not None:
-        p, source = Path(path), "--experiment"
+        p, source = Path(path), named_by
     elif os.environ.get(EXPERIMENT_ENV):
         p, source = Path(os.environ[EXPERIMENT_ENV]), f"${EXPERIMENT_ENV}"
     else:
         p, source = DEFAULT_EXPERIMENT, "the default, relative to the current directory"
     p = p.expanduser().resolve()
     if not p.is_file():
-        raise ExperimentError(
-            f"{p}: experiment file not found (from {source}); run from the lab's checkout, "
-            f"or choose a file with --experiment PATH or ${EXPERIMENT_ENV}=PATH"
+        hint = (
+            "check the path"
+            if source != "--experiment" and path is not None
+            else "run from the lab's checkout, or choose a file with --experiment PATH or "
+            f"${EXPERIMENT_ENV}=PATH"
         )
+        raise ExperimentError(f"{p}: experiment file not found (from {source}); {hint}")
     return p
 
 
-def load_experiment(path: str | os.PathLike[str] | None = None) -> Experiment:
+def load_experiment(
+    path: str | os.PathLike[str] | None = None, named_by: str = "--experiment"
+) -> Experiment:
     """Find (see `experiment_path`), read and validate an experiment file."""
-    p = experiment_path(path)
+    p = experiment_path(path, named_by)
     override = os.environ.get(STORAGE_ENV)
     storage_root = resolve_storage_root(override, Path.cwd()) if override else None
     return parse_experiment(p.read_text(), p, storage_root)

@@ -67,3 +67,12 @@ def test_compare_prints_headline_controls_and_adapters_of_two_experiments(small_
     }
     assert plot.is_file() and plot.stat().st_size > 10_000
     assert not (tmp_path / "no-instance-here").exists()  # no Dagster instance was opened
+
+
+def test_compare_names_a_missing_file_as_its_argument(tmp_path, capsys):
+    from lab_assets.cli.main import main
+
+    assert main(["compare", str(tmp_path / "nope.yaml"), str(SMALL_EXPERIMENT)]) != 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope.yaml'}: experiment file not found (from lab compare's" in err
+    assert "--experiment" not in err
