@@ -16,6 +16,7 @@ import json
 from lab_assets.cli.common import add_command, add_experiment, check_storage
 from lab_assets.cli.progress import backfill_with_progress, settle_leftovers
 from lab_assets.experiment.load import load_experiment
+from lab_assets.experiment.schema import ExperimentError
 from lab_assets.orchestration.instance import ensure_dagster_home
 
 
@@ -106,12 +107,15 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from lab_assets.orchestration.backfill import every_partition
+    from lab_assets.orchestration.sweep import key_style_error
     from resources.storage.open import open_store
 
     targets = every_partition(exp)
     print(f"experiment {exp.name}: {len(targets)} asset partitions into {exp.storage_root}")
     print(f"  Dagster instance {home} (`dagster dev` there shows the backfill and its runs)")
     with DagsterInstance.get() as instance:
+        if why := key_style_error(exp, instance):
+            raise ExperimentError(why)
         if not settle_leftovers(instance, open_store(exp.storage_root, exp.name)):
             return 130
         code = backfill_with_progress(instance, exp, targets, f"lab materialize: {exp.name}")
@@ -131,6 +135,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         FRESH,
         assess,
         in_flight,
+        key_style_error,
         plan_sweep,
         reconcile,
         sweep_lock,
@@ -142,6 +147,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     lock = sweep_lock(home)  # held from planning until the backfill is written
     with lock, DagsterInstance.get() as instance:
         lock.across_machines(instance)
+        if why := key_style_error(exp, instance):
+            raise ExperimentError(why)
         if not args.dry_run and not settle_leftovers(instance, store):
             return 130
         if not args.no_reconcile:
@@ -192,10 +199,12 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from lab_assets.orchestration.sweep import reconcile
+    from lab_assets.orchestration.sweep import key_style_error, reconcile
     from resources.storage.open import open_store
 
     with DagsterInstance.get() as instance:
+        if why := key_style_error(exp, instance):
+            raise ExperimentError(why)
         recorded = reconcile(exp, instance, open_store(exp.storage_root, exp.name))
     print(f"recorded {len(recorded)} partitions from {exp.storage_root} into {home}")
     for r in recorded:

@@ -195,6 +195,25 @@ def reconcile(exp: Experiment, instance: DagsterInstance, store: ArtifactStore) 
     return [ref(e.asset_key.path[-1], e.partition) for e in events]
 
 
+def key_style_error(exp: Experiment, instance: DagsterInstance) -> str | None:
+    """Why `exp` must not run against `instance` with these asset keys, or None: the instance
+    records the experiment under prefixed keys (a shared, several-experiment instance) while
+    ``LAB_PREFIX_ASSET_KEYS`` is unset here, so every partition would look missing."""
+    if exp.asset_prefix:
+        return None
+    from lab_assets.experiment.load import PREFIX_ENV, key_prefix
+
+    prefixed = AssetKey([key_prefix(exp.name), ASSET_ORDER[0]])
+    if not instance.has_asset_key(prefixed):
+        return None
+    return (
+        f"this Dagster instance records experiment {exp.name} under prefixed asset keys "
+        f"({prefixed.to_user_string()}, …: several experiments share it), but "
+        f"${PREFIX_ENV} is not set here, so every partition would look missing: "
+        f"export {PREFIX_ENV}=1"
+    )
+
+
 def sweep_targets(statuses: Iterable[PartitionStatus]) -> list[tuple[str, str | None]]:
     """The (asset, partition) pairs a sweep rebuilds: every one that is not fresh."""
     return [(s.asset, s.partition) for s in statuses if s.state != FRESH]

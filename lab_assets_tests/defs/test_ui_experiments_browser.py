@@ -6,7 +6,8 @@ reconcile` records the first one's stored partitions into a fresh instance under
 prefixed keys (``small/adapter``), and `dagster-webserver` over `workspace.all.yaml`
 serves both experiments: the catalog lists both key prefixes, the first experiment's
 adapters show as materialised, the second's as missing. Loading the workspace without
-the variable is refused with a message naming it.
+the variable is refused with a message naming it, and so is a `lab sweep` without it
+against an instance that holds the prefixed keys.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def test_two_experiments_side_by_side_in_one_ui(small_lab, tmp_path):
         os.environ.pop("DAGSTER_HOME") if old is None else os.environ.update(DAGSTER_HOME=old)
     assert "small/adapter" in keys and "adapter" not in keys, keys
     assert len(adapters) == len(small_lab["exp"].runs)
+    # A `lab` without the variable would see every partition missing: it refuses instead.
+    plain = {k: v for k, v in env.items() if k != "LAB_PREFIX_ASSET_KEYS"}
+    sweep = [sys.executable, "-m", "lab_assets.cli", "sweep", "--dry-run", "--experiment"]
+    done = subprocess.run(
+        [*sweep, str(exps / "small.yaml")], env=plain, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "export LAB_PREFIX_ASSET_KEYS=1" in done.stderr
 
     with (
         dagster_webserver(env, tmp_path / "webserver.log", "workspace.all.yaml") as url,
