@@ -75,9 +75,22 @@ DEFAULT_PRELOAD = (
     "sklearn.model_selection",
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
+    # each adapter logs to MLflow (resources/tracking.py): ~1 s to import otherwise
+    "mlflow.tracking",
+    "mlflow.entities",
+    "mlflow.store.tracking.sqlalchemy_store",
 )
 # read by the preloaded libraries when imported, so a server is only right for its own values
-_KEY_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "DATASETS_", "TORCH", "PYTORCH", "PYTHON", "XDG_CACHE")
+_KEY_ENV_PREFIXES = (
+    "HF_",
+    "TRANSFORMERS_",
+    "DATASETS_",
+    "TORCH",
+    "PYTORCH",
+    "PYTHON",
+    "XDG_CACHE",
+    "MLFLOW_",
+)
 DEFAULT_START_TIMEOUT_S = 300.0
 REPLY_TIMEOUT_S = 60.0
 
