@@ -7,8 +7,9 @@
   `--body-out` write the exact `instances.insert` body (JSON, camelCase) to FILE,
   touching neither Compute Engine nor GCS and needing no credentials.
 - `lab vms list` / `lab vms reap [--dry-run] [--max-age-h H]`: the experiment's lab
-  VMs, and deleting those whose Dagster run has ended, kept ones past their time,
-  and those older than the limit.
+  VMs, and deleting those whose agent's heartbeat is stale, idle ones past their idle
+  time, kept ones past their time, and those past their deadline or the age limit
+  (never one whose agent is alive and working, whatever its Dagster run says).
 - `lab image build [--no-require-cuda] [--health-model REPO[@REV]]`,
   `lab image teardown [--archive gs://...]`, `lab image import gs://.../X.tar.gz`:
   the pre-baked image (see resources/compute/gce/images.py).
@@ -42,7 +43,8 @@ __all__ = ["DRY_RUN_ID", "dry_run_body", "gce_main", "image_manager", "register"
 NO_CREDENTIALS = (
     "lab: no Google Cloud credentials ({why}). Run `gcloud auth application-default login` "
     "(or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file kept outside the "
-    "repository); `lab validate` and `lab launch --dry-run` need none."
+    "repository); `lab validate` and `lab launch --dry-run` need none; `lab doctor` checks "
+    "credentials, APIs, quota, the bucket and the VMs' service account in one go."
 )
 
 
@@ -136,13 +138,14 @@ def _verdicts(exp: Experiment, max_age_s: float):
     from dagster import DagsterInstance
 
     from lab_assets.orchestration.instance import ensure_dagster_home
-    from resources.compute.gce.reaper import dagster_run_status, judge, list_lab_vms
+    from resources.compute.gce.gcs import Gcs
+    from resources.compute.gce.reaper import dagster_run_status, judge_all
 
     ensure_dagster_home()
     api = _api(exp)
     with DagsterInstance.get() as instance:
-        status = dagster_run_status(instance)
-        return api, [judge(vm, status, max_age_s) for vm in list_lab_vms(api, exp.name)]
+        status = dagster_run_status(instance)  # shown; VMs are judged by their life signs
+        return api, judge_all(api, Gcs(), gce_settings(exp), status, max_age_s)
 
 
 def _cmd_vms(args: argparse.Namespace) -> int:
@@ -368,7 +371,10 @@ def _gce_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
             from resources.compute.gce.errors import GceApiError
 
             if isinstance(e, GceApiError):
-                print(f"lab: Compute API: {e}", file=sys.stderr)
+                print(
+                    f"lab: Compute API: {e} (`lab doctor` checks the project's setup)",
+                    file=sys.stderr,
+                )
                 return 1
             raise
 

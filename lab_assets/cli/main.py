@@ -7,6 +7,7 @@
 - `lab launch | vms | image`: one partition on a GCE VM, the experiment's VMs, the VM
   image (cli/gce.py).
 - `lab compare`: several experiments' results side by side, from storage (cli/compare.py).
+- `lab doctor`: is the GCP project ready for the experiment (cli/doctor.py).
 
 Each module's `register(subparsers)` adds its commands (nested groups as
 sub-subparsers); `main` parses once and runs the chosen command.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lab_assets.cli import compare, fetch, gce, runs, spectrum
+from lab_assets.cli import compare, doctor, fetch, gce, runs, spectrum
 from lab_assets.cli.common import build_tree, run
 
 DESCRIPTION = "Task-geometry lab: experiments as partitioned Dagster assets."
@@ -26,7 +27,14 @@ DESCRIPTION = "Task-geometry lab: experiments as partitioned Dagster assets."
 def build_parser() -> argparse.ArgumentParser:
     return build_tree(
         DESCRIPTION,
-        [runs.register, fetch.register, spectrum.register, gce.register, compare.register],
+        [
+            runs.register,
+            fetch.register,
+            spectrum.register,
+            gce.register,
+            doctor.register,
+            compare.register,
+        ],
     )
 
 

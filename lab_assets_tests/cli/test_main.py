@@ -21,6 +21,7 @@ COMMANDS = [
     "launch",
     "vms",
     "image",
+    "doctor",
     "compare",
 ]
 

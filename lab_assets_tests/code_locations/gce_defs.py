@@ -132,6 +132,7 @@ launcher = GceStepLauncherResource.configure_at_launch(
     hourly_usd=PRICES,
     max_run_duration_s=3600,
     max_preemptions=2,
+    idle_minutes=0.0,  # one VM per step, deleted by its launcher (warm-VM tests set more)
     poll_interval_s=0.2,
     flush_interval_s=0.2,
     heartbeat_s=1.0,

@@ -7,18 +7,22 @@ delete/stop, label filters), ``zoneOperations`` / ``globalOperations``
 (insert/delete), and the real error payload
 ``{"error": {"code", "message", "errors": [{"reason", "message", "domain"}]}}``.
 
-An instance "boots" by running the lab's agent (``python -m resources.remote.agent``)
+An instance "boots" by running its own ``startup-script`` with bash (``fake_vms``),
 in a local subprocess whose ``GCE_METADATA_HOST`` points at a per-instance fake
 metadata server serving the instance's metadata items, ``instance/preempted``,
-``instance/name``, ``instance/zone``. Tests inject trouble:
+``instance/name``, ``instance/zone`` and a service-account token; strict shims stand in
+for what cannot run here (``vm_shims``), and the agent runs as a unit of the VM's fake
+systemd (``fake_systemd``). Tests inject trouble:
 
 - ``stockout(zone)``: inserts in that zone fail, as the real API reports it, either
   as an operation that finishes with ``ZONE_RESOURCE_POOL_EXHAUSTED`` (default) or
   as an HTTP error on insert (``QUOTA_EXCEEDED`` -> 403 ``quotaExceeded``);
-- ``preempt(name)``: ``instance/preempted`` turns TRUE, SIGTERM to the agent's
-  processes, SIGKILL after a grace period, a ``compute.instances.preempted``
-  operation is recorded, and the instance is TERMINATED then deleted (spot VMs
-  here always carry ``instanceTerminationAction: DELETE``);
+- ``preempt(name)``: as GCE delivers it: ``instance/preempted`` turns TRUE, the
+  ``shutdown-script`` runs, an ACPI shutdown stops the units (SIGTERM as their
+  ``KillMode`` says), power-off (SIGKILL) after the grace period, a
+  ``compute.instances.preempted`` operation is recorded, and the instance is
+  TERMINATED then deleted (spot VMs here always carry ``instanceTerminationAction:
+  DELETE``);
 - ``crash(name)``: the agent is killed outright and the instance TERMINATED;
 - ``fail_next(method, n, status)``: the next `n` calls of an API method (e.g.
   ``instances.insert``, ``zoneOperations.wait``) fail transiently (503, 429, ...),
@@ -56,6 +60,7 @@ from urllib.parse import parse_qs, urlparse
 
 from lab_assets_tests.fakes.fake_compute_checks import Faults, check_insert, method_name
 from lab_assets_tests.fakes.fake_compute_images import ImagesAndDisks
+from lab_assets_tests.fakes.fake_compute_project import ProjectAndRegions
 from lab_assets_tests.fakes.fake_compute_wire import (
     API,
     ApiError,
@@ -90,7 +95,7 @@ _IMG = re.compile(r"^/compute/v1/projects/([^/]+)/global/images(?:/(family)/([^/
 _DISK = re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/disks(?:/([^/]+))?$")
 
 
-class FakeCompute(VmLifecycle, ImagesAndDisks):
+class FakeCompute(ImagesAndDisks, VmLifecycle, ProjectAndRegions):  # ImagesAndDisks._boot first
     """The fake API server; use as a context manager. `endpoint` is for `api_endpoint`."""
 
     def __init__(
@@ -112,16 +117,22 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
         self.operations: dict[str, Operation] = {}
         self.images: dict[tuple[str, str], dict] = {}
         self.disks: dict[tuple[str, str, str], dict] = {}
+        self._init_images()  # public images, filesystem ids
+        self.reset_project()  # quotas, enabled APIs (fake_compute_project)
         self.stockouts: dict[str, Stockout] = {}
         self.faults = Faults()
         self.networks: set[str] = {"default"}  # the project's networks and subnetworks
         self.subnetworks: set[str] = set()
         self.calls: list[tuple[str, str]] = []  # (method, path) of every API call
+        # (method, path, Authorization header or None) of every API call
+        self.authorized: list[tuple[str, str, str | None]] = []
         self.inserted: list[dict] = []  # every instance body inserted successfully
         # (time, +1 inserted / -1 gone, instance body) in order: who was alive when
         self.history: list[tuple[float, int, dict]] = []
         self.lock = threading.RLock()
         self.on_boot: list[Callable[[FakeInstance], None]] = []
+        self.boot_failures: dict[str, str] = {}  # shim command prefix -> error (fake_vms)
+        self.vm_env: dict[str, str] = {}  # added to the next VMs' environment (fake_vms)
         self._tmp = Path(tempfile.mkdtemp(prefix="fake-gce-"))
         outer = self
 
@@ -136,6 +147,7 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
                 raw = self.rfile.read(length) if length else b""
                 try:
                     body = json.loads(raw) if raw else {}
+                    outer._check_auth(method, self.path, self.headers.get("Authorization"))
                     status, out = outer._handle(method, self.path, body)
                 except ApiError as e:
                     status, out = e.status, e.payload()
@@ -208,6 +220,8 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
     def clear_faults(self) -> None:
         self.stockouts.clear()
         self.faults.clear()
+        self.boot_failures.clear()
+        self.vm_env.clear()
 
     def find(self, name: str) -> FakeInstance | None:
         with self.lock:
@@ -245,6 +259,17 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
 
     # -- request handling -----------------------------------------------------------------
 
+    def _check_auth(self, method: str, path: str, auth: str | None) -> None:
+        """A bearer token must be one an instance's metadata server issued (a VM calling the
+        API as its service account); the launcher's anonymous calls carry none."""
+        with self.lock:
+            self.authorized.append((method, urlparse(path).path, auth))
+            if auth is None:
+                return
+            tokens = {f"Bearer {i.token}" for i in self.instances.values()}
+        if auth not in tokens:
+            raise ApiError(401, "authError", "Request had invalid authentication credentials.")
+
     def _handle(self, method: str, raw_path: str, body: dict) -> tuple[int, dict]:
         url = urlparse(raw_path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -260,6 +285,8 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
         return out
 
     def _route(self, method: str, path: str, q: dict, body: dict) -> tuple[int, dict]:
+        if (project_answer := self._project_route(method, path)) is not None:
+            return project_answer
         if m := _INST.match(path):
             project, zone, name, verb = m.groups()
             if name is None and method == "POST":
@@ -280,6 +307,8 @@ class FakeCompute(VmLifecycle, ImagesAndDisks):
                 )
             if method == "GET" and verb is None:
                 return 200, inst.to_json()
+            if method == "GET" and verb == "serialPort":
+                return 200, self.serial_port_output(inst, q)
             if method == "DELETE":
                 # As on GCE: STOPPING at once, the operation DONE once the instance is gone.
                 op = self._record_op(project, zone, "delete", inst, pending=True)

@@ -179,6 +179,8 @@ class Faults:
 def method_name(method: str, path: str) -> str:
     """The API method a request calls, e.g. ``instances.insert``, ``zoneOperations.wait``."""
     parts = path.split("/compute/v1/projects/", 1)[-1].split("/")[1:]  # after the project
+    if not parts:  # the project itself
+        return "projects.get"
     if parts[:1] == ["aggregated"]:
         return "instances.aggregatedList"
     if parts[:1] == ["zones"] and len(parts) >= 3:

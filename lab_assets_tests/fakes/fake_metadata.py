@@ -3,14 +3,17 @@
 Split out of ``fake_compute``: the agent and the startup-script tests talk to it
 without the Compute API around it. It serves the instance's metadata items
 (``instance/attributes/<key>``), ``instance/preempted`` (with the long poll
-``wait_for_change=true`` and ``last_etag``, as GCE answers them), ``instance/name``, ``instance/zone``, ``instance/id``
+``wait_for_change=true`` and ``last_etag``, as GCE answers them), ``instance/name``, ``instance/zone``, ``instance/id``,
+``instance/service-accounts/default/token``
 and ``project/project-id``, and refuses a request without ``Metadata-Flavor: Google``.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +38,12 @@ class FakeInstance:
     metadata_server: MetadataServer | None = None
     home: Path | None = None
     changed: threading.Condition = field(default_factory=threading.Condition)
+    systemd: Any = None  # the VM's fake PID 1 (``fake_systemd.FakeSystemd``) once booted
+    shutdown_events: list[str] = field(default_factory=list)  # a shutdown's steps, in order
+    shutting_down: bool = False  # a shutdown has begun (a second one only waits for it)
+    powered_off: threading.Event = field(default_factory=threading.Event)
+    # The access token the metadata server hands the VM's service account.
+    token: str = field(default_factory=lambda: f"ya29.fake-{uuid.uuid4().hex}")
 
     @property
     def name(self) -> str:
@@ -64,6 +73,9 @@ class MetadataServer:
 
             def do_GET(self):
                 outer._serve(self)
+
+            def do_POST(self):
+                outer._serve_systemd(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -107,6 +119,9 @@ class MetadataServer:
             return send(h, 200, f"projects/123456789/zones/{inst.zone}", "text/plain")
         if path == "instance/id":
             return send(h, 200, str(inst.body.get("id", "0")), "text/plain")
+        if path == "instance/service-accounts/default/token":
+            token = {"access_token": inst.token, "expires_in": 3599, "token_type": "Bearer"}
+            return send(h, 200, json.dumps(token), "application/json")
         if path == "project/project-id":
             return send(h, 200, inst.project, "text/plain")
         if path.startswith("instance/attributes/"):
@@ -115,6 +130,13 @@ class MetadataServer:
             if key in items:
                 return send(h, 200, items[key], "text/plain")
         return send(h, 404, "not found", "text/plain")
+
+    def _serve_systemd(self, h: BaseHTTPRequestHandler) -> None:
+        """Not GCE: the fake VM's ``systemctl`` shim hands a parsed unit to its PID 1 here."""
+        if urlparse(h.path).path != "/fake-systemd/start" or self.inst.systemd is None:
+            return send(h, 404, "not found", "text/plain")
+        spec = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)))
+        return send(h, 200, self.inst.systemd.start(spec), "text/plain")
 
     def close(self) -> None:
         self.server.shutdown()

@@ -248,7 +248,9 @@ def test_ctrl_c_on_a_gce_backfill_deletes_its_vms(gce, tmp_path):
         _kill(proc)
     vms = _assert_canceled_and_clean(out.read_text(errors="replace"), rc, gce, since, env)
     assert {i.name for i in up} <= {b["name"] for b in vms}
-    assert all(i.proc.poll() is not None for i in up)  # their agents (and steps) ended
+    # their startup scripts and agents (the lab-agent unit, and with it the step) ended
+    assert all(i.proc.poll() is not None for i in up)
+    assert not [u.name for i in up if i.systemd for u in i.systemd.units.values() if u.running()]
 
 
 def test_ctrl_c_while_a_vm_is_being_created_deletes_it(gce, tmp_path):

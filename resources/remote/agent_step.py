@@ -11,12 +11,20 @@ output go up as chunk streams, complete checkpoints are mirrored, and
 ``instance/preempted`` turns TRUE, or SIGTERM) the worker gets SIGTERM and
 ``grace_s`` to checkpoint and exit; its checkpoints are uploaded and the status
 says ``preempted``.
+
+With a ``warm`` block in its instructions the agent does not stop after the step: it
+keeps the VM's life record (``agent_warm``), takes the next step a launcher hands the
+idle VM (each step in a work directory of its own; the bundle installed once), and
+in the end retires the VM, deleting the instance itself (``agent_compute``). A step
+therefore runs to its end and commits its outputs whether or not the orchestrator
+that launched it is still there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from resources.remote.agent_compute import delete_self
 from resources.remote.agent_metadata import Metadata
 from resources.remote.agent_sync import (
     CheckpointSync,
@@ -34,6 +43,7 @@ from resources.remote.agent_sync import (
     LineBuffer,
     retry,
 )
+from resources.remote.agent_warm import WarmPost
 from resources.remote.protocol import (
     BUNDLE_DIR,
     CHECKPOINT_DIR_ENV,
@@ -47,6 +57,7 @@ from resources.remote.protocol import (
     SCRATCH_ENV,
     STATUS_FILE,
     STEP_RUN_REF,
+    VM_WORKING,
     attempt_prefix,
     make_storage_client,
     parse_gs_uri,
@@ -54,11 +65,25 @@ from resources.remote.protocol import (
 
 
 class StepAgent:
+    """Runs the step its instructions name, then (with a ``warm`` block) the next ones the
+    VM is handed (``agent_warm``), then retires the VM."""
+
     def __init__(self, instr: dict[str, Any], md: Metadata, home: Path):
-        self.instr = instr
         self.md = md
         self.home = home
         self.client = make_storage_client()
+        self.preempted = threading.Event()  # the VM is going: preempted or being deleted
+        self.done = threading.Event()  # the agent is finishing: no more steps
+        self.stop_reason = ""
+        self._status_lock = threading.Lock()
+        self.warm: WarmPost | None = None
+        self.installed: str | None = None  # the wheel installed on this VM, by name
+        self.steps_run = 0
+        self._begin(instr)
+
+    def _begin(self, instr: dict[str, Any]) -> None:
+        """Take up one step's instructions (the first from metadata, the next from a claim)."""
+        self.instr = instr
         bucket_name, self.launch_prefix = parse_gs_uri(instr["launch_uri"])
         self.bucket = self.client.bucket(bucket_name)
         self.attempt = int(instr.get("attempt", 1))
@@ -69,12 +94,9 @@ class StepAgent:
         self.logs = LineBuffer(
             ChunkStream(self.bucket, f"{self.prefix}/{LOGS_DIR}", "txt"), sys.stdout
         )
-        self.preempted = threading.Event()
         self.stopping = threading.Event()
         self.proc: subprocess.Popen | None = None
         self.state = "starting"
-        self.stop_reason = ""
-        self._status_lock = threading.Lock()
 
     def log(self, msg: str) -> None:
         self.logs.write_line(f"[agent] {msg}")
@@ -110,7 +132,11 @@ class StepAgent:
         ]
         if not wheels:
             raise RuntimeError("the launch bundle holds no wheel")
-        local = work / BUNDLE_DIR / wheels[0].name.rsplit("/", 1)[-1]
+        wheel_name = wheels[0].name.rsplit("/", 1)[-1]
+        if self.installed == wheel_name:
+            self.log(f"{wheel_name} is installed already (a warm VM of the same bundle)")
+            return
+        local = work / BUNDLE_DIR / wheel_name
         local.parent.mkdir(parents=True, exist_ok=True)
         wheels[0].download_to_filename(str(local))
         pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
@@ -119,6 +145,7 @@ class StepAgent:
         for extra in ([], ["--no-deps", "--force-reinstall"]):
             self.log(f"pip install {' '.join(extra)} {local.name}")
             self._run_logged([*pip, *extra, str(local)], cwd=work)
+        self.installed = wheel_name
 
     def _run_logged(self, argv: list[str], cwd: Path) -> None:
         proc = subprocess.Popen(
@@ -147,12 +174,13 @@ class StepAgent:
                 # A heartbeat while installing too (pip on a bare image takes minutes).
                 if now - last_beat >= self.heartbeat_s and self.state in ("starting", "running"):
                     self.write_status(self.state)
+                    self._beat_working()
                     last_beat = now
             except Exception as e:  # keep streaming; the final flush reports for good
                 print(f"[agent] flush failed: {e}", file=sys.stderr)
 
     def _watch_preemption(self) -> None:
-        while not self.stopping.is_set() and not self.preempted.is_set():
+        while not self.done.is_set() and not self.preempted.is_set():
             try:
                 if self.md.wait_preempted(timeout_s=int(self.instr.get("preempted_poll_s", 30))):
                     self.on_preempted("metadata instance/preempted is TRUE")
@@ -183,7 +211,41 @@ class StepAgent:
             threading.Thread(target=deadline, daemon=True).start()
 
     def run(self) -> int:
-        work = self.home / f"attempt-{self.attempt}"
+        """Run the first step; with a ``warm`` block, the next ones; then retire the VM."""
+        warm = self.instr.get("warm")
+        if warm:
+            vm = (self.md.get("instance/name") or "").strip()
+            self.warm = WarmPost(self.client, warm, vm, _console)
+            self._beat_working()
+        rc = self._run_step()
+        why = "its step ended"
+        while self.warm is not None and rc == 0 and not self.preempted.is_set():
+            nxt, why = self.warm.next_step(self.preempted)
+            if nxt is None:
+                break
+            self._begin(nxt)
+            rc = self._run_step()
+        self.done.set()
+        if self.warm is not None:
+            if self.preempted.is_set():
+                self.warm.settle()  # going anyway (preempted, or deleted by someone else)
+            else:
+                if rc != 0:
+                    why = "the agent failed: the VM is not trusted with another step"
+                endpoint = warm.get("compute_endpoint")
+                self.warm.retire(why, lambda: delete_self(self.md, endpoint))
+        return rc
+
+    def _beat_working(self) -> None:
+        if self.warm is not None:
+            self.warm.beat(VM_WORKING, launch=self.launch_prefix, attempt=self.attempt)
+
+    def _run_step(self) -> int:
+        previous = self.home / f"step-{self.steps_run}"
+        self.steps_run += 1
+        if self.steps_run > 1:
+            shutil.rmtree(previous, ignore_errors=True)  # the last step's scratch and checkpoints
+        work = self.home / f"step-{self.steps_run}" / f"attempt-{self.attempt}"
         work.mkdir(parents=True, exist_ok=True)
         self.write_status("starting")
         events = work / "events.jsonl"
@@ -308,3 +370,11 @@ class StepAgent:
 
 class _Preempted(Exception):
     pass
+
+
+def _console(msg: str) -> None:
+    """A line for the serial console only (between steps there is no launch to log to)."""
+    try:
+        print(f"[agent] {msg}", flush=True)
+    except (OSError, ValueError):
+        pass

@@ -58,6 +58,10 @@ VM_MODULES = {
     "lab-agent-sync": "agent_sync.py",
     "lab-agent-step": "agent_step.py",
     "lab-agent-image": "agent_image.py",
+    "lab-agent-warm": "agent_warm.py",
+    "lab-agent-compute": "agent_compute.py",
+    "lab-vm-boot": "vm_boot.py",  # the first-boot helper (the image's python3 runs it)
+    "lab-agent-unit": "agent_unit.py",  # the agent's systemd unit's entry point
 }
 
 # -- exit codes ------------------------------------------------------------------------------
@@ -77,6 +81,43 @@ CHECKPOINT_SYNC_TIMEOUT_ENV = "LAB_CHECKPOINT_SYNC_TIMEOUT_S"  # the step's wait
 EVENTS_DIR = "events"
 LOGS_DIR = "logs"
 STATUS_FILE = "status.json"
+BOOT_FILE = "boot.json"  # per attempt: the first boot's phases (``vm_boot``), before the agent
+
+# -- the agent as a systemd unit on the VM (``agent_unit``; the startup and shutdown scripts) --
+AGENT_UNIT = "lab-agent.service"
+AGENT_PID_FILE = "agent.pid"  # in the agent's home: the unit's main process
+AGENT_EXITED_FILE = "agent.exited"  # written last: everything the agent had is durable
+AGENT_LOG_FILE = "agent.log"  # the agent's own output, also in the journal and on the console
+
+# -- warm VMs, orchestrator leases and the in-flight index, under the staging root ----------
+# ``<staging>/_gce/leases/<id>.json``: an orchestrator's heartbeat ({"t": ...}); a VM stays
+# warm after a step only while some lease is fresher than ``lease_ttl_s``.
+# ``<staging>/_gce/vms/<vm>.json``: a VM's life record, rewritten at each agent heartbeat
+# ({"state": VM_STATES, "t", "idle_until", "deadline", ...}); the reaper judges by it.
+# ``<staging>/_gce/warm/offers/<shape>/<vm>.json``: an idle VM on offer (with its ``seq``);
+# ``<staging>/_gce/warm/claims/<vm>/<seq>.json``: created once (ifGenerationMatch=0) by a
+# launcher (``{"step": instructions}``) or by the VM retiring (``{"retire": ...}``): exactly
+# one of them wins each idle period.
+# ``<staging>/_gce/inflight/<key>.json``: the launch that owns a partition's recipe.
+LEASES_DIR = "_gce/leases"
+VMS_DIR = "_gce/vms"
+OFFERS_DIR = "_gce/warm/offers"
+CLAIMS_DIR = "_gce/warm/claims"
+INFLIGHT_DIR = "_gce/inflight"
+VM_WORKING, VM_IDLE, VM_DONE, VM_RETIRING, VM_PREEMPTED = (
+    "working",
+    "idle",
+    "done",
+    "retiring",
+    "preempted",
+)
+TOKEN_PATH = "instance/service-accounts/default/token"  # the metadata server's access token
+DEFAULT_COMPUTE_ENDPOINT = "https://compute.googleapis.com"
+
+
+def instance_path(project: str, zone: str, name: str) -> str:
+    """The REST path of an instance (``/compute/v1/...``), as the Compute API spells it."""
+    return f"/compute/v1/projects/{project}/zones/{zone}/instances/{name}"
 
 
 def attempt_prefix(launch_prefix: str, attempt: int) -> str:

@@ -343,3 +343,113 @@ class ComputeApi:
             raise _from_http(e, zone, what) from e
         self._wait(op, zone, what)
         return True
+
+    # -- long operations, projects and regions (preflight, image builds) ------------------
+
+    def _extra_client(self, cls: type[T]) -> T:
+        """A client of another Compute resource, with the same endpoint and credentials."""
+        kwargs: dict[str, Any] = {}
+        if self.endpoint:
+            kwargs["client_options"] = {"api_endpoint": self.endpoint}
+            if self.endpoint.startswith("http://"):
+                from google.auth.credentials import AnonymousCredentials
+
+                kwargs["credentials"] = AnonymousCredentials()
+        return cls(**kwargs)
+
+    def wait_global_long(
+        self,
+        op: compute_v1.Operation,
+        what: str,
+        timeout_s: float,
+        poll_s: float = 10.0,
+        progress: Callable[[str], None] | None = None,
+        progress_every_s: float = 60.0,
+    ) -> compute_v1.Operation:
+        """Wait for a long global operation (``images.insert`` from a 100 GB disk takes
+        minutes) with its own deadline, not ``op_timeout_s``, polling ``globalOperations.get``
+        every `poll_s` and reporting its progress through `progress` when it changes and
+        at least every `progress_every_s`. Past the deadline: a GceApiError ``TIMEOUT``
+        saying the operation may still finish and how to look at it."""
+        start = time.monotonic()
+        deadline = start + timeout_s
+        last_said, last_pct = start, -1
+        done = compute_v1.Operation.Status.DONE
+        while op.status != done:
+            now = time.monotonic()
+            if now > deadline:
+                raise GceApiError(
+                    f"{what}: operation {op.name} not done after {timeout_s:.0f}s; it may "
+                    f"still finish: gcloud compute operations describe {op.name} --global "
+                    f"--project {self.project}",
+                    "TIMEOUT",
+                    None,
+                )
+            if progress is not None and (
+                op.progress != last_pct or now - last_said >= progress_every_s
+            ):
+                progress(
+                    f"{what}: {op.progress}% after {now - start:.0f}s "
+                    f"(waiting up to {timeout_s:.0f}s)"
+                )
+                last_said, last_pct = now, op.progress
+            time.sleep(max(0.0, min(poll_s, deadline - now)))
+            name = op.name
+            op = self._api(
+                lambda n=name: self.global_ops.get(project=self.project, operation=n, retry=None),
+                f"{what}: globalOperations.get",
+                None,
+            )
+        return self._wait(op, None, what)  # DONE: sorts its error, if any
+
+    def insert_image_long(
+        self,
+        image: compute_v1.Image,
+        timeout_s: float,
+        poll_s: float = 10.0,
+        progress: Callable[[str], None] | None = None,
+        progress_every_s: float = 60.0,
+    ) -> None:
+        """``images.insert``, waited on with its own deadline (see ``wait_global_long``)."""
+        what = f"images.insert {image.name}"
+        op = self._api(
+            lambda: self.images.insert_unary(
+                project=self.project, image_resource=image, retry=None
+            ),
+            what,
+            None,
+        )
+        self.wait_global_long(op, what, timeout_s, poll_s, progress, progress_every_s)
+
+    def get_project(self) -> compute_v1.Project:
+        """``projects.get``: the project's global quotas (GPUS_ALL_REGIONS, ...) and its
+        default service account."""
+        client = self._extra_client(compute_v1.ProjectsClient)
+        return self._api(
+            lambda: client.get(project=self.project, retry=None),
+            f"projects.get {self.project}",
+            None,
+        )
+
+    def get_region(self, region: str) -> compute_v1.Region:
+        """``regions.get``: the region's quotas (NVIDIA_L4_GPUS, PREEMPTIBLE_NVIDIA_L4_GPUS, ...)."""
+        client = self._extra_client(compute_v1.RegionsClient)
+        return self._api(
+            lambda: client.get(project=self.project, region=region, retry=None),
+            f"regions.get {region}",
+            None,
+        )
+
+    # -- the serial console (what a VM that never reported printed) -----------------------
+
+    def serial_port_output(self, zone: str, name: str, start: int = 0, port: int = 1) -> str:
+        """``instances.getSerialPortOutput``: the console's text from byte `start` (< 0: that
+        many bytes back from the end; GCE keeps the last 1 MiB)."""
+        what = f"instances.getSerialPortOutput {name}"
+        req = compute_v1.GetSerialPortOutputInstanceRequest(
+            project=self.project, zone=zone, instance=name, port=port, start=start
+        )
+        out = self._api(
+            lambda: self.instances.get_serial_port_output(request=req, retry=None), what, zone
+        )
+        return out.contents or ""

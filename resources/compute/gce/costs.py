@@ -43,7 +43,7 @@ class CostLedger:
     gcs: Gcs
     uri: str  # gs://.../_gce/ledger
 
-    def _entry_uri(self, key: str) -> str:
+    def entry_uri(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}.json"
 
     def entries(self) -> list[dict]:
@@ -60,13 +60,13 @@ class CostLedger:
 
     def reserve(self, key: str, worst_case: float, **facts) -> None:
         self.gcs.write_json(
-            self._entry_uri(key),
+            self.entry_uri(key),
             {"state": "running", "cost_usd": worst_case, "reserved_at": time.time(), **facts},
         )
 
     def settle(self, key: str, cost_usd: float, vm_seconds: float, **facts) -> None:
         self.gcs.write_json(
-            self._entry_uri(key),
+            self.entry_uri(key),
             {
                 "state": "settled",
                 "cost_usd": cost_usd,

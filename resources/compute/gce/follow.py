@@ -21,8 +21,10 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.execution.context.system import StepExecutionContext
 
 from resources.compute.events import EventDecoder, is_terminal
+from resources.compute.gce.boot_status import BootWatch
 from resources.compute.gce.chunks import ChunkReader
 from resources.compute.gce.gcs import Gcs
+from resources.compute.gce.inflight import for_run
 from resources.compute.gce.record import LaunchRecord, Vm
 from resources.compute.gce.settings import LaunchSettings
 from resources.compute.local.launcher import StepWorkerError, describe_exit
@@ -55,13 +57,14 @@ class VmFollower:
         self.step_context, self.record, self.vm = step_context, record, vm
         prefix = protocol.attempt_prefix(launch_uri, vm.attempt)
         self.status_uri = f"{prefix}/{protocol.STATUS_FILE}"
+        # the bootstrap's phases until the agent reports; its failure ends the step at once
+        self.boot = BootWatch(gcs, f"{prefix}/{protocol.BOOT_FILE}", api, vm, step_context.log)
         self.events = ChunkReader(gcs, f"{prefix}/{protocol.EVENTS_DIR}", "jsonl")
         self.logs = ChunkReader(gcs, f"{prefix}/{protocol.LOGS_DIR}", "txt")
         self.decoder = EventDecoder()
         self.lines = WorkerLines()
         self.recent: collections.deque[str] = collections.deque(maxlen=40)
         self.ended = False
-        self.resumed = vm.attempt > 1
 
     def follow(self) -> Generator[DagsterEvent, None, str]:
         """Relay until the step ends (``ENDED``) or the VM is preempted (``PREEMPTED``);
@@ -76,6 +79,7 @@ class VmFollower:
             status = self._status()
             if (status or {}).get("state") in _AGENT_DONE:
                 return (yield from self._agent_done(status or {}))
+            self.boot.poll(status)
             now = time.time()
             self._check_alive(status, now)
             if now - last_check >= s.instance_check_s:
@@ -89,10 +93,15 @@ class VmFollower:
         """Everything new in the two streams: events into the run, each output line once, at
         its own level (``WorkerLines``: echoes of Dagster log events are dropped)."""
         for data in self.events.poll():
-            for entry in self.decoder.feed(data):
+            for raw in self.decoder.feed(data):
+                entry = for_run(raw, self.step_context)  # an earlier run's launch, re-attached
                 ev = entry.dagster_event if entry.is_dagster_event else None
-                if self.resumed and ev is not None and ev.event_type == DagsterEventType.STEP_START:
-                    continue  # the step started once already, on the first VM
+                if (
+                    self.record.step_started
+                    and ev is not None
+                    and ev.event_type == DagsterEventType.STEP_START
+                ):
+                    continue  # the step started once already in this run, on an earlier VM
                 self.step_context.instance.handle_new_event(entry)
                 self.ended = self.ended or is_terminal(entry)
                 if ev is not None:
@@ -106,6 +115,10 @@ class VmFollower:
                     self.step_context.log.log(level, f"[{self.vm.name}] {line}")
 
     def _note(self, ev: DagsterEvent) -> None:
+        if self.vm.first_event_at is None:
+            self.vm.first_event_at = time.time()
+        if ev.event_type == DagsterEventType.STEP_START:
+            self.record.step_started = True
         if ev.event_type == DagsterEventType.STEP_SUCCESS:
             self.record.step_succeeded = True
         if ev.event_type == DagsterEventType.ASSET_MATERIALIZATION:
@@ -151,7 +164,7 @@ class VmFollower:
             raise StepWorkerError(
                 f"VM {vm.name}: the agent never reported in {s.boot_timeout_s:.0f}s "
                 f"(see its serial console: gcloud compute instances get-serial-port-output "
-                f"{vm.name} --zone {vm.zone} --project {s.project})"
+                f"{vm.name} --zone {vm.zone} --project {s.project}); " + self.boot.serial_tail()
             )
         if status is not None and now - float(status.get("t", now)) > s.heartbeat_timeout_s:
             raise StepWorkerError(

@@ -5,17 +5,25 @@
   pip-installs the bundle (a wheel of the working tree) with its dependencies and
   runs the health check (torch imports, CUDA works, the base model loads), whose
   report lands in GCS. If healthy: ``instances.stop``, then ``images.insert`` with
-  ``sourceDisk`` = the VM's boot disk, in the image family. The VM is deleted
-  whatever happens.
+  ``sourceDisk`` = the VM's boot disk, in the image family (GCE's own way to make
+  an image: from a stopped VM's boot disk). The VM is deleted whatever happens.
 - ``teardown``: archive the family's current image to GCS, then delete it (a live
   image costs storage every month; an archive in a cold bucket costs less). The
-  Compute API cannot export an image by itself, so: ``disks.insert`` a disk from
-  the image, boot a small exporter VM (from the same image) with that disk
-  attached read-only, and the agent (mode ``export-disk``) streams the device into
+  Compute API cannot export an image by itself, so, as GCE's own export workflow
+  does: ``disks.insert`` a disk from the image, boot a small exporter VM from an
+  image of *another lineage* (``export_image``, Debian by default) with that disk
+  attached, and the agent (mode ``export-disk``) streams the device into
   ``<archive>.tar.gz`` holding ``disk.raw``; then delete the VM, the disk and the
-  image, and write ``<archive>.json`` describing the image.
+  image, and write ``<archive>.json`` describing the image. The exporter never
+  boots the image it exports (nor the Deep Learning VM image it was built from): a
+  boot disk and a data disk copied from one image carry one filesystem id, and a
+  guest that mounts by UUID or label may take the wrong one as its root.
 - ``import_``: ``images.insert`` with ``rawDisk.source`` = the archive (the format
   written above), back into the family.
+
+``images.insert`` from a 100 GB disk or archive takes minutes: it is waited on with
+its own deadline (``image_timeout_s``), not the API wrapper's per-operation one,
+and its progress is logged.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from resources.compute.gce.gcs import Gcs, https_url
 from resources.compute.gce.placement import Placement, create_with_failover
 
 Log = Callable[[str], None]
+# A public image of another lineage than the Deep Learning VM images the lab's are built from.
+EXPORT_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
 
 
 class ImageError(RuntimeError):
@@ -58,9 +68,13 @@ class ImageManager:
     network: str = "global/networks/default"
     subnetwork: str | None = None
     external_ip: bool = True
+    # The exporter's boot image: any image not descended from the one being exported.
+    export_image: str = EXPORT_IMAGE
     bundle_install: str = "pip"
     poll_s: float = 10.0
     timeout_s: float = 3600.0
+    image_timeout_s: float = 3600.0  # one images.insert (from a disk or an archive)
+    progress_every_s: float = 60.0
     max_run_duration_s: int = 3 * 3600
 
     def _wait_report(self, uri: str, vm: str, zone: str, log: Log) -> dict:
@@ -75,6 +89,34 @@ class ImageManager:
             time.sleep(self.poll_s)
         raise ImageError(f"no report at {uri} after {self.timeout_s:.0f}s (VM {vm} in {zone})")
 
+    def _insert_image(self, image: compute_v1.Image, log: Log) -> None:
+        """``images.insert``, waited on for up to ``image_timeout_s`` with progress logged."""
+        self.api.insert_image_long(
+            image,
+            timeout_s=self.image_timeout_s,
+            poll_s=self.poll_s,
+            progress=log,
+            progress_every_s=self.progress_every_s,
+        )
+
+    def _check_export_image(self, image: compute_v1.Image) -> None:
+        """Refuse an exporter boot image that shares the exported image's lineage."""
+        boot = _rel(self.export_image)
+        same = {
+            _rel(image.self_link),
+            f"projects/{self.project}/global/images/family/{self.family}",
+            _rel(self.base_image),
+        }
+        if image.family:
+            same.add(f"projects/{self.project}/global/images/family/{image.family}")
+        if boot in same:
+            raise ImageError(
+                f"export_image {self.export_image} is {image.name} or the image it was built "
+                f"from ({self.base_image}): a disk copied from {image.name} would share the "
+                "exporter's boot filesystem id; boot the exporter from another lineage "
+                f"(default {EXPORT_IMAGE})"
+            )
+
     def _vm(
         self,
         name: str,
@@ -83,7 +125,7 @@ class ImageManager:
         instructions: dict,
         purpose: str,
         extra_disks: tuple[tuple[str, str], ...] = (),
-        prebaked: bool = False,
+        nvidia_driver: bool = False,
     ) -> compute_v1.Instance:
         spec = vmbody.VmSpec(
             project=self.project,
@@ -102,7 +144,7 @@ class ImageManager:
             external_ip=self.external_ip,
             labels=vmbody.labels(purpose=purpose, family=self.family),
             instructions=instructions,
-            extra_metadata={} if prebaked else {"install-nvidia-driver": "True"},
+            extra_metadata={"install-nvidia-driver": "True"} if nvidia_driver else {},
             extra_disks=extra_disks,
         )
         return vmbody.build_instance(spec)
@@ -143,7 +185,10 @@ class ImageManager:
             def create(p: Placement) -> None:
                 nonlocal zone
                 self.api.insert_instance(
-                    p.zone, self._vm(vm, p, self.base_image, instructions, "image-build")
+                    p.zone,
+                    self._vm(
+                        vm, p, self.base_image, instructions, "image-build", nvidia_driver=True
+                    ),
                 )
                 zone = p.zone
 
@@ -162,7 +207,8 @@ class ImageManager:
                 description=f"lab image, health: torch {report.get('torch')}, "
                 f"cuda {report.get('cuda')}, {report.get('device', 'no device')}",
             )
-            self.api.insert_image(image)
+            log(f"creating image {image_name} from {vm}'s {self.boot_disk_gb} GB boot disk")
+            self._insert_image(image, log)
             log(f"image {image_name} created in family {self.family}")
             return image_name
         finally:
@@ -175,6 +221,7 @@ class ImageManager:
         image = self.api.image_from_family(self.project, self.family)
         if image is None:
             raise ImageError(f"no image in family {self.family} (project {self.project})")
+        self._check_export_image(image)
         archive = archive_uri or f"{self.staging}/_images/archive/{image.name}.tar.gz"
         report_uri = f"{archive}.export.json"
         stamp = _stamp()
@@ -199,11 +246,10 @@ class ImageManager:
                 self._vm(
                     vm,
                     where,
-                    image.self_link,
+                    self.export_image,
                     instructions,
                     "image-export",
                     extra_disks=(("export", disk_link),),
-                    prebaked=True,
                 ),
             )
             created = True
@@ -237,14 +283,20 @@ class ImageManager:
             raise ImageError(f"{archive_uri}: no such archive")
         about = self.gcs.read_json(f"{archive_uri}.json") or {}
         image_name = name or about.get("name") or f"{self.family}-{_stamp()}"
-        self.api.insert_image(
+        self._insert_image(
             compute_v1.Image(
                 name=image_name,
                 family=self.family,
                 raw_disk=compute_v1.RawDisk(source=https_url(archive_uri)),
                 description=about.get("description") or f"restored from {archive_uri}",
                 labels=vmbody.labels(restored_from="archive"),
-            )
+            ),
+            log,
         )
         log(f"image {image_name} restored into family {self.family} from {archive_uri}")
         return image_name
+
+
+def _rel(link: str) -> str:
+    """`projects/...` from a full or relative Compute resource link."""
+    return link[link.index("projects/") :] if "projects/" in link else link

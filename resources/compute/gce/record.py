@@ -14,15 +14,32 @@ from typing import Any
 from resources.compute.gce.placement import Placement
 from resources.remote.launch_info import as_metadata
 
+BOOTED, REUSED, ATTACHED = "booted", "reused", "attached"
+
 
 @dataclass
 class Vm:
+    """One VM as one step used it: from when the step got it (booted, claimed warm, or
+    re-attached to) until the step was done with it."""
+
     name: str
     placement: Placement
     attempt: int
     hourly_usd: float | None
     started_at: float
     ended_at: float | None = None
+    how: str = BOOTED  # BOOTED | REUSED (a warm VM) | ATTACHED (a launch already running)
+    requested_at: float | None = None  # when the step asked for a VM
+    first_event_at: float | None = None  # when its first event arrived
+    created_at: float | None = None  # when the VM itself was created (its cost runs from then)
+    ledger_key: str | None = None  # its entry in the cost ledger (reserved by its creator)
+
+    @property
+    def wait_s(self) -> float | None:
+        """How long the step waited for this VM: request to its first event."""
+        if self.requested_at is None or self.first_event_at is None:
+            return None
+        return max(0.0, self.first_event_at - self.requested_at)
 
     @property
     def zone(self) -> str:
@@ -46,6 +63,8 @@ class LaunchRecord:
     failovers: list[str] = field(default_factory=list)
     materialized: list[tuple[Any, str | None]] = field(default_factory=list)
     step_succeeded: bool = False
+    step_started: bool = False  # STEP_START relayed into this run (once, whatever the VMs)
+    reused_launch: str | None = None  # outputs taken from this earlier launch, no VM
 
     @property
     def vm_seconds(self) -> float:
@@ -58,6 +77,8 @@ class LaunchRecord:
 
     def summary(self, spot: bool) -> str:
         if not self.vms:
+            if self.reused_launch:
+                return f"no VM: the step had finished in an earlier launch ({self.reused_launch})"
             return "no VM created"
         last = self.vms[-1]
         cost = self.cost
@@ -70,6 +91,8 @@ class LaunchRecord:
         )
 
     def final_metadata(self, spot: bool) -> dict[str, Any]:
+        if not self.vms:
+            return {"gce/vm": "none", "gce/outputs_from_launch": self.reused_launch or ""}
         last = self.vms[-1]
         info = {
             "vm_name": last.name,
@@ -83,6 +106,10 @@ class LaunchRecord:
         }
         meta = as_metadata(info, vm_seconds=self.vm_seconds, cost_usd=self.cost)
         meta["gce/zones_used"] = ", ".join(v.zone for v in self.vms)
+        meta["gce/vm"] = ", ".join(v.how for v in self.vms)
+        waits = [v.wait_s for v in self.vms if v.wait_s is not None]
+        if waits:
+            meta["gce/vm_wait_s"] = round(sum(waits), 2)
         if self.failovers:
             meta["gce/zones_without_capacity"] = ", ".join(self.failovers)
         return meta

@@ -83,6 +83,14 @@ class GceSettings(BaseModel):
     # keep_vm_hours, maxRunDuration in any case.
     keep_vm: bool = False
     keep_vm_hours: float = Field(2.0, gt=0, le=_MAX_DURATION_S / 3600, allow_inf_nan=False)
+    # Warm VMs: after its step a VM offers itself this long to the next step of the same
+    # shape (machine, GPUs, image, code bundle, spot, zones), then deletes itself; 0: one
+    # VM per step, deleted by the launcher when its step ends (see ``warm``).
+    idle_minutes: float = Field(5.0, ge=0, le=24 * 60, allow_inf_nan=False)
+    # An orchestrator's lease (its heartbeat in GCS) counts as live this long after its
+    # last beat; a VM stays warm only while some lease is live, and deletes itself after
+    # its step when none is (the orchestrator is gone).
+    lease_ttl_s: float = Field(120.0, gt=0, le=_DAY_S, allow_inf_nan=False)
     # The reaper deletes lab VMs older than this (default: max_run_duration_s + 10 min).
     reap_after_s: int | None = Field(None, ge=60, le=_MAX_DURATION_S)
     # Where launches stage their files (default: <storage root>/<experiment>).

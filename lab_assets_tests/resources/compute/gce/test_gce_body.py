@@ -14,21 +14,21 @@ import importlib
 import json
 import os
 import re
+import shlex
 import stat
-import subprocess
 
 import pytest
 
 from lab_assets.cli.gce import gce_main
 from lab_assets.experiment.load import load_experiment
 from lab_assets_tests.conftest import TESTS_DIR
-from lab_assets_tests.fakes.fake_compute import FakeInstance, MetadataServer
+from lab_assets_tests.fakes.fake_machine import Machine
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.costs import BudgetExceeded, PriceMissing, check_budget, hourly_price
 from resources.compute.gce.placement import Overrides, candidates
 from resources.compute.gce.settings import LaunchSettings
 from resources.compute.gce.step_vm import build_vm_spec
-from resources.remote import launch_info, preemption, protocol
+from resources.remote import launch_info, preemption, protocol, vm_boot
 
 GCE_EXPERIMENT = TESTS_DIR / "experiments" / "gce.yaml"
 NASTY = "x$(touch {c})`touch {c}`;touch {c};' ; touch {c} ; '\"; touch {c}; \"|&>{c}\n{c}"
@@ -109,7 +109,7 @@ def test_dry_run_prints_the_plan_and_writes_the_insert_body_without_touching_any
     assert body["labels"]["experiment"] == "small-gce"
     assert body["labels"]["partition"] == "tiny-test_sft-arith-r4-s0"
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
-    assert set(items) == {"startup-script", "lab-launch", *protocol.VM_MODULES}
+    assert set(items) == {"startup-script", "shutdown-script", "lab-launch", *protocol.VM_MODULES}
     instr = json.loads(items["lab-launch"])
     assert instr["partition"] == key and instr["mode"] == "step"
     assert instr["launch_uri"].startswith("gs://lab-test-bucket/experiments/small-gce/_launches/")
@@ -163,7 +163,8 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
     assert "CANARY" not in script  # no value reaches the script text
     for v in body["labels"].values():
         assert re.fullmatch(r"[a-z0-9_-]{0,63}", v)
-    # A config value that does reach the shell (the install directory) is quoted.
+    # A config value that does reach the shell (the install directory) is quoted, and
+    # escaped for systemd in the agent's unit.
     home = str(sandbox / f"home $(touch {canary}) `touch {canary}`; touch {canary}")
     script = vmbody.startup_script(lab_home=home)
     python = sandbox / "python-stub"
@@ -171,26 +172,19 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
     python.write_text(f'#!/bin/sh\n{{ pwd; printf "%s\\n" "$@"; }} > "{argv_file}"\n')
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     venv_bin = f"{home}/venv/bin"
-    os.makedirs(venv_bin)
+    os.makedirs(venv_bin)  # the pre-baked image's venv
     os.symlink(python, f"{venv_bin}/python")
     (sandbox / "startup.sh").write_text(script)
-    fake = FakeInstance("p", "us-central1-a", body)
-    server = MetadataServer(None, fake)
-    try:
-        res = subprocess.run(
-            ["bash", str(sandbox / "startup.sh")],
-            cwd=sandbox,
-            env={"PATH": os.environ["PATH"], "GCE_METADATA_HOST": server.host},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    finally:
-        server.close()
-    assert res.returncode == 0, res.stderr
+    # GCS unreachable from this "VM": its boot reports fail (and say so) without stopping it
+    with Machine(tmp_path / "vm", items, STORAGE_EMULATOR_HOST="http://127.0.0.1:9") as vm:
+        # the default LAB_HOME: the quoted one in the script
+        res = vm.run(f"unset LAB_HOME; cd {shlex.quote(str(sandbox))} && bash startup.sh")
+        assert res.returncode == 0, res.stdout + res.stderr
+        unit = vm.systemd.units[protocol.AGENT_UNIT]
+        assert unit.proc.wait(timeout=30) == 0
     assert not canary.exists()
-    # the script laid the agent's modules out as a package from metadata, and ran it
-    # from the quoted home with that package on sys.path only
+    # the script laid the agent's modules out as a package from metadata, and its unit ran
+    # the agent from the quoted home with that package on sys.path only
     pkg = f"{home}/agent/resources"
     assert sorted(os.listdir(f"{pkg}/remote")) == sorted(
         ["__init__.py", *protocol.VM_MODULES.values()]
@@ -198,7 +192,7 @@ def test_shell_metacharacters_stay_inert_in_the_startup_script(tmp_path):
     assert open(f"{pkg}/__init__.py").read() == open(f"{pkg}/remote/__init__.py").read() == ""
     for key, name in protocol.VM_MODULES.items():
         assert open(f"{pkg}/remote/{name}").read() == items[key]
-    assert argv_file.read_text().split("\n")[:4] == [home, "-u", "-c", vmbody.AGENT_BOOT]
+    assert argv_file.read_text().split("\n")[:4] == [home, "-u", "-c", vm_boot.AGENT_BOOT]
     assert argv_file.read_text().split("\n")[4] == f"{home}/agent"
     # and the agent gets the values verbatim, as JSON data, never as shell text
     instr = json.loads(items["lab-launch"])
@@ -297,10 +291,14 @@ def test_names_shared_across_the_wire_come_from_the_protocol_module():
 
 _AGENT_MODULES = [
     "resources.remote.agent",
+    "resources.remote.agent_unit",
+    "resources.remote.vm_boot",
     "resources.remote.agent_metadata",
     "resources.remote.agent_sync",
     "resources.remote.agent_step",
     "resources.remote.agent_image",
+    "resources.remote.agent_warm",
+    "resources.remote.agent_compute",
 ]
 
 

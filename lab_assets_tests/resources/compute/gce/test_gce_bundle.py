@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 import zipfile
 
-from lab_assets_tests.fakes.fake_compute import REPO_ROOT, FakeInstance, MetadataServer
+from lab_assets_tests.fakes.fake_compute import REPO_ROOT
+from lab_assets_tests.fakes.fake_machine import Machine
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.bundle import build_wheel, source_hash
-from resources.remote import protocol
+from resources.remote import protocol, vm_boot
 
 
 def test_the_wheel_holds_the_working_tree_and_is_reused(tmp_path):
@@ -43,22 +43,12 @@ def test_the_agent_imports_only_the_standard_library_and_google_cloud_storage(tm
     (home / "venv" / "bin").mkdir(parents=True)
     (home / "venv" / "bin" / "python").symlink_to("/bin/true")  # the agent is run below
     items = {**vmbody.vm_module_sources(), protocol.INSTRUCTIONS_KEY: "{}"}
-    body = {"name": "vm", "metadata": {"items": [{"key": k, "value": v} for k, v in items.items()]}}
-    (tmp_path / "startup.sh").write_text(vmbody.startup_script(lab_home=str(home)))
-    server = MetadataServer(None, FakeInstance("p", "us-central1-a", body))
-    try:
-        res = subprocess.run(
-            ["bash", str(tmp_path / "startup.sh")],
-            env={"PATH": os.environ["PATH"], "GCE_METADATA_HOST": server.host},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    finally:
-        server.close()
+    # the machine's systemd runs the agent's unit: /bin/true
+    with Machine(tmp_path / "vm", items, LAB_HOME=str(home)) as vm:
+        res = vm.run(vmbody.startup_script(lab_home=str(home)))
     assert res.returncode == 0, res.stderr
     agent_dir = str(home / "agent")
-    probe = vmbody.AGENT_BOOT.split("from ")[0] + (
+    probe = vm_boot.AGENT_BOOT.split("from ")[0] + (
         "import resources.remote.agent as agent; agent.Metadata('127.0.0.1:9'); "
         "from resources.remote.protocol import make_storage_client; "
         "make_storage_client(endpoint='http://127.0.0.1:9'); "

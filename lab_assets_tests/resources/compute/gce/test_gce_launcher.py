@@ -81,7 +81,7 @@ def _failure_text(result) -> str:
 
 
 def _vm_of(gce, run_id: str) -> list[dict]:
-    return [b for b in gce.inserted if b["labels"]["run"] == run_id]
+    return [b for b in gce.inserted if b["labels"].get("run") == run_id]
 
 
 def test_step_failure_is_reported_and_the_vm_deleted(gce, gce_instance):

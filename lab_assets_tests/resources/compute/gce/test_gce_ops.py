@@ -39,11 +39,26 @@ def _vm(api: ComputeApi, name: str, run_id: str, zone: str = "us-central1-a", **
     api.insert_instance(zone, vmbody.build_instance(spec))
 
 
-def test_reaper_sensor_and_cli_delete_vms_whose_run_ended(gce, gce_instance, monkeypatch, capsys):
+def test_reaper_sensor_and_cli_delete_vms_by_their_life_signs(
+    gce, gce_instance, monkeypatch, capsys
+):
+    """Stale heartbeat or idle past its time: reaped; an agent alive and working is kept
+    even though its Dagster run has ended (a killed orchestrator's run)."""
+    from lab_assets.defs.resources import gce_settings
+    from resources.remote.protocol import VMS_DIR
+
     monkeypatch.delenv("LAB_STORAGE_ROOT", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(gce_instance.root_directory))
     exp = load_experiment(GCE_EXPERIMENT)
-    gce.boot = False  # these VMs need no agent
+    staging = gce_settings(exp).staging
+    gcs = Gcs()
+    now = time.time()
+
+    def life(name: str, **rec) -> None:
+        body = {"vm": name, "t": now, "deadline": now + 3600, **rec}
+        gcs.write_json(f"{staging}/{VMS_DIR}/{name}.json", body)
+
+    gce.boot = False  # these VMs need no agent: their life records are written here
     try:
         api = ComputeApi("lab-test-project")
         ended, active = (
@@ -56,25 +71,35 @@ def test_reaper_sensor_and_cli_delete_vms_whose_run_ended(gce, gce_instance, mon
         gce_instance.add_run(
             DagsterRun(job_name="adapters_job", run_id=active, status=DagsterRunStatus.STARTED)
         )
-        _vm(api, "lab-ended-a1", ended)
-        _vm(api, "lab-active-a1", active, zone="us-central1-b")
+        _vm(api, "lab-stale-a1", active)
+        life("lab-stale-a1", state="working", t=now - 3600)
+        _vm(api, "lab-idle-a1", ended, zone="us-central1-b")
+        life("lab-idle-a1", state="idle", idle_until=now - 600)
+        _vm(api, "lab-working-a1", ended)
+        life("lab-working-a1", state="working", launch="gs://x/_launches/r/s", attempt=1)
         _vm(api, "lab-kept-a1", ended, lab_keep_until=str(int(time.time() + 3600)))
-        _vm(api, "lab-unknown-a1", "33333333-cccc-4000-8000-000000000003")
+        _vm(api, "lab-booting-a1", "33333333-cccc-4000-8000-000000000003")
         sensor = build_vm_reaper_sensor(exp)
         reason = sensor(build_sensor_context(instance=gce_instance))
         text = reason.skip_message
-        assert "deleted 1" in text and "lab-ended-a1: its run" in text and "(SUCCESS)" in text
-        gce.wait_for(lambda: gce.find("lab-ended-a1") is None, 10, "the reaped VM to go")
+        assert "deleted 2" in text, text
+        assert "lab-stale-a1: its agent's heartbeat is stale" in text
+        assert "lab-idle-a1: idle past its idle time" in text
+        gce.wait_for(
+            lambda: gce.find("lab-stale-a1") is None and gce.find("lab-idle-a1") is None,
+            10,
+            "the reaped VMs to go",
+        )
         left = sorted(
             i.name for i in gce.live() if i.body["labels"].get("experiment") == "small-gce"
         )
-        assert left == ["lab-active-a1", "lab-kept-a1", "lab-unknown-a1"]
+        assert left == ["lab-booting-a1", "lab-kept-a1", "lab-working-a1"]
 
         assert gce_main(["vms", "list", "--experiment", str(GCE_EXPERIMENT)]) == 0
         out = capsys.readouterr().out
         assert re.search(r"lab-kept-a1 .* keep: kept on purpose", out)
-        assert re.search(r"lab-active-a1 .* STARTED .* keep: its run is STARTED", out)
-        assert re.search(r"lab-unknown-a1 .* keep: run unknown", out)
+        assert re.search(r"lab-working-a1 .* SUCCESS .* keep: agent alive: working", out)
+        assert re.search(r"lab-booting-a1 .* keep: booting", out)
         # an age limit of zero: everything is too old, kept or not
         args = ["vms", "reap", "--max-age-h", "0", "--experiment", str(GCE_EXPERIMENT)]
         assert gce_main([*args, "--dry-run"]) == 0
