@@ -17,13 +17,14 @@ from lab_assets.cli.common import add_command, add_experiment
 
 if TYPE_CHECKING:
     from lab_assets.experiment.resolved import Experiment
-    from resources.compute.gce.doctor import DoctorPlan, Finding
+    from resources.compute.gce.doctor_findings import DoctorPlan, Finding
 
 
 def doctor_plan(exp: Experiment) -> tuple[DoctorPlan, list[Finding]]:
     """What the experiment needs from its project, and findings about the file itself."""
     from lab_assets.defs.resources import gce_compute, gce_settings
-    from resources.compute.gce.doctor import FAIL, DoctorPlan, Finding, gpu_needs
+    from resources.compute.gce.doctor import gpu_needs
+    from resources.compute.gce.doctor_findings import FAIL, DoctorPlan, Finding
 
     compute = gce_compute(exp)
     s = gce_settings(exp)

@@ -23,16 +23,23 @@ them from the experiment.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from resources.compute.gce.doctor_access import check_access
+from resources.compute.gce.doctor_findings import (
+    FAIL,
+    OK,
+    REQUIRED_APIS,
+    WARN,
+    Context,
+    DoctorPlan,
+    Finding,
+    GpuNeed,
+    disabled_finding,
+    enable_fix,
+)
 from resources.compute.gce.gcp_admin import AdminApi, AdminError
 
-OK, WARN, FAIL = "ok", "warn", "FAIL"
-REQUIRED_APIS = {
-    "compute.googleapis.com": "Compute Engine",
-    "storage.googleapis.com": "Cloud Storage",
-}
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 LOGIN = (
     "gcloud auth application-default login (or set GOOGLE_APPLICATION_CREDENTIALS to a "
@@ -47,56 +54,6 @@ GPU_METRICS = {
     "nvidia-tesla-t4": "NVIDIA_T4_GPUS",
     "nvidia-tesla-v100": "NVIDIA_V100_GPUS",
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str  # ok | warn | FAIL
-    check: str  # credentials | apis | quota | bucket | service account | experiment
-    text: str
-    fix: str = ""
-
-    def line(self) -> str:
-        return f"{self.level:4s}  {self.check}: {self.text}" + (
-            f" -> {self.fix}" if self.fix else ""
-        )
-
-
-@dataclass(frozen=True)
-class GpuNeed:
-    """One GPU type the placements use: where, and how many GPUs one VM of it takes."""
-
-    gpu_type: str
-    regions: tuple[str, ...]
-    zones: tuple[str, ...]
-    per_vm: int
-
-
-@dataclass(frozen=True)
-class DoctorPlan:
-    """What the experiment needs from the project, as plain values."""
-
-    project: str
-    spot: bool
-    parallelism: int  # VMs at once (sweep.max_gpu_in_flight)
-    gpus: tuple[GpuNeed, ...]
-    buckets: tuple[str, ...]  # gs:// roots the lab and its VMs write (storage, staging)
-    experiment: str = ""
-    service_account: str | None = None  # None: the project's default compute SA
-    vm_self_delete: bool = True  # the VM deletes itself when idle (compute.instances.delete)
-    placeholders: tuple[str, ...] = ()  # unset ${VAR:-default} in the experiment
-
-
-@dataclass
-class Context:
-    """What the checks share: credentials, clients, what is known to be disabled."""
-
-    plan: DoctorPlan
-    credentials: Any = None
-    compute: Any = None  # ComputeApi
-    admin: AdminApi | None = None
-    disabled: set[str] = field(default_factory=set)
-    project_info: Any = None  # compute_v1.Project, once read
 
 
 def gpu_needs(placements: list[Any]) -> tuple[GpuNeed, ...]:
@@ -121,10 +78,6 @@ def quota_fix(project: str, metric: str, value: int, region: str | None = None) 
         f"--quota-id={quota_id} --preferred-value={value}{dims} --project={project} "
         f"(or https://console.cloud.google.com/iam-admin/quotas?project={project})"
     )
-
-
-def enable_fix(project: str, service: str) -> str:
-    return f"gcloud services enable {service} --project {project}"
 
 
 # -- credentials ------------------------------------------------------------------------
@@ -211,18 +164,6 @@ def check_apis(ctx: Context) -> list[Finding]:
             )
         )
     return out
-
-
-def disabled_finding(ctx: Context, service: str, what: str) -> Finding:
-    """The FAIL for an API found disabled by a call's answer (Service Usage unread)."""
-    ctx.disabled.add(service)
-    title = REQUIRED_APIS.get(service, service)
-    return Finding(
-        FAIL,
-        "apis",
-        f"{title} API is not enabled in {ctx.plan.project} ({what} answered SERVICE_DISABLED)",
-        enable_fix(ctx.plan.project, service),
-    )
 
 
 # -- quota ------------------------------------------------------------------------------
@@ -375,7 +316,6 @@ def run_doctor(
 ) -> list[Finding]:
     """Every check in order; a check that cannot run (no credentials, a disabled API)
     says so in one line instead of failing after it."""
-    from resources.compute.gce.doctor_access import check_access
 
     out: list[Finding] = []
     if plan.placeholders:

@@ -23,11 +23,18 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING
 
-from resources.compute.gce.doctor import FAIL, OK, WARN, Finding, disabled_finding, enable_fix
+from resources.compute.gce.doctor_findings import (
+    FAIL,
+    OK,
+    WARN,
+    Finding,
+    disabled_finding,
+    enable_fix,
+)
 from resources.compute.gce.gcp_admin import AdminError
 
 if TYPE_CHECKING:
-    from resources.compute.gce.doctor import Context
+    from resources.compute.gce.doctor_findings import Context
 
 CREATE, GET, LIST, DELETE = (f"storage.objects.{v}" for v in ("create", "get", "list", "delete"))
 NEEDED = frozenset({CREATE, GET, LIST, DELETE})
