@@ -116,32 +116,42 @@ def gce_work(context: AssetExecutionContext, config: WorkConfig):
 
 
 storage = LabStorage(root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"), experiment="gce")
-launcher = GceStepLauncherResource.configure_at_launch(
-    project=PROJECT,
-    zones=ZONES,
-    machine_type="g2-standard-4",
-    gpu_type="nvidia-l4",
-    gpu_count=1,
-    spot=True,
-    storage_root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"),
-    experiment="gce",
+
+
+def launcher_for_tests(**settings) -> GceStepLauncherResource:
+    """The GCE launcher of the test code locations: fast polls and heartbeats against the
+    fake Compute server and the GCS emulator; `settings` override or add fields."""
+    base = dict(
+        project=PROJECT,
+        zones=ZONES,
+        machine_type="g2-standard-4",
+        gpu_type="nvidia-l4",
+        gpu_count=1,
+        spot=True,
+        storage_root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"),
+        experiment="gce",
+        require_gcs_storage=False,
+        bundle_install="skip",
+        gpu_zones=GPU_ZONES,
+        hourly_usd=PRICES,
+        max_run_duration_s=3600,
+        poll_interval_s=0.2,
+        flush_interval_s=0.2,
+        heartbeat_s=1.0,
+        instance_check_s=0.5,
+        grace_s=5.0,
+        checkpoint_sync_s=0.2,
+        preempted_poll_s=1,
+    )
+    return GceStepLauncherResource.configure_at_launch(**{**base, **settings})
+
+
+launcher = launcher_for_tests(
     staging_root=f"gs://{BUCKET}/gce",
-    require_gcs_storage=False,
-    bundle_install="skip",
-    gpu_zones=GPU_ZONES,
-    hourly_usd=PRICES,
-    max_run_duration_s=3600,
     max_preemptions=2,
     idle_minutes=0.0,  # one VM per step, deleted by its launcher (warm-VM tests set more)
-    poll_interval_s=0.2,
-    flush_interval_s=0.2,
-    heartbeat_s=1.0,
     heartbeat_timeout_s=60.0,
     boot_timeout_s=60.0,
-    instance_check_s=0.5,
-    grace_s=5.0,
-    checkpoint_sync_s=0.2,
-    preempted_poll_s=1,
 )
 defs = Definitions(
     assets=[gce_work],

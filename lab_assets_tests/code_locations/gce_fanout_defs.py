@@ -27,16 +27,12 @@ from dagster import (
 
 from lab_assets_tests.code_locations.gce_defs import (
     BUCKET,
-    GPU_ZONES,
-    PRICES,
-    PROJECT,
-    ZONES,
     WorkConfig,
     _latest,
     _save,
+    launcher_for_tests,
 )
 from lab_assets_tests.handshake import wait_for_ack
-from resources.compute.gce.launcher import GceStepLauncherResource
 from resources.compute.local.launcher import SCRATCH_ENV
 from resources.io_manager import ArtifactIOManager, LabStorage
 from resources.remote import preemption
@@ -85,31 +81,11 @@ def fanout_work(context: AssetExecutionContext, config: WorkConfig):
 
 
 storage = LabStorage(root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"), experiment="gce")
-launcher = GceStepLauncherResource.configure_at_launch(
-    project=PROJECT,
-    zones=ZONES,
-    machine_type="g2-standard-4",
-    gpu_type="nvidia-l4",
-    gpu_count=1,
-    spot=True,
-    storage_root=os.environ.get("LAB_STORAGE_ROOT", "/nonexistent"),
-    experiment="gce",
+launcher = launcher_for_tests(
     staging_root=f"gs://{BUCKET}/fanout",
-    require_gcs_storage=False,
-    bundle_install="skip",
-    gpu_zones=GPU_ZONES,
-    hourly_usd=PRICES,
-    max_run_duration_s=3600,
     max_preemptions=8,
-    poll_interval_s=0.2,
-    flush_interval_s=0.2,
-    heartbeat_s=1.0,
     heartbeat_timeout_s=30.0,
     boot_timeout_s=120.0,
-    instance_check_s=0.5,
-    grace_s=5.0,
-    checkpoint_sync_s=0.2,
-    preempted_poll_s=1,
 )
 defs = Definitions(
     assets=[fanout_work],
