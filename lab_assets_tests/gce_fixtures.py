@@ -103,3 +103,41 @@ def messages(instance, run_id) -> list[str]:
 
 def storage_root(gcs_emulator) -> Path:
     return gcs_emulator["storage"]
+
+
+def preempt_first_vm_after_checkpoint(
+    gce: FakeCompute, step: int, grace_s: float, timeout_s: float = 90
+) -> tuple[threading.Thread, list]:
+    """A started thread that preempts the step's first VM (``…-a1``) once its checkpoint-`step`
+    is in GCS; the list it returns receives the preempted instance."""
+    from resources.compute.gce.gcs import Gcs
+
+    preempted: list = []
+
+    def preempt() -> None:
+        inst = gce.wait_for(
+            lambda: next((i for i in gce.live() if i.name.endswith("-a1")), None), 60, "VM 1"
+        )
+        gce.wait_for(
+            lambda: any(
+                u.endswith(f"checkpoint-{step}/trainer_state.json")
+                for u in Gcs().list(f"gs://{BUCKET}/gce/_launches")
+            ),
+            timeout_s,
+            f"checkpoint-{step} in GCS",
+        )
+        preempted.append(inst)
+        gce.preempt(inst.name, grace_s=grace_s)
+
+    t = threading.Thread(target=preempt, daemon=True)
+    t.start()
+    return t, preempted
+
+
+def trained_steps(msgs: list[str]) -> list[tuple[int, int]]:
+    """(step, attempt) of every ``trained step N (attempt A)`` line, in order."""
+    return [
+        (int(m.split()[2]), int(m.split()[4].rstrip(")")))
+        for m in msgs
+        if m.startswith("trained step")
+    ]

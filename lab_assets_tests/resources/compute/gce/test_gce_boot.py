@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -22,7 +21,13 @@ import pytest
 from lab_assets_tests.fakes import vm_shims
 from lab_assets_tests.fakes.fake_compute import REPO_ROOT
 from lab_assets_tests.fakes.fake_machine import Machine
-from lab_assets_tests.gce_fixtures import BUCKET, messages, run_gce_job
+from lab_assets_tests.gce_fixtures import (
+    BUCKET,
+    messages,
+    preempt_first_vm_after_checkpoint,
+    run_gce_job,
+    trained_steps,
+)
 from resources.compute.gce import vm_spec as vmbody
 from resources.compute.gce.gcs import Gcs
 from resources.remote import protocol, vm_boot
@@ -355,26 +360,7 @@ def test_a_preemption_delivered_as_gce_does_ends_in_an_emergency_checkpoint(
     """Flip, shutdown script (it asks the agent to checkpoint and waits), ACPI shutdown,
     power off: the step checkpoints at the step it was on, and the new VM resumes there."""
     steps, every = 30, 5
-    gcs = Gcs()
-    preempted: list = []
-
-    def preempt_mid_training():
-        inst = gce.wait_for(
-            lambda: next((i for i in gce.live() if i.name.endswith("-a1")), None), 60, "VM 1"
-        )
-        gce.wait_for(
-            lambda: any(
-                u.endswith("checkpoint-10/trainer_state.json")
-                for u in gcs.list(f"gs://{BUCKET}/gce/_launches")
-            ),
-            90,
-            "checkpoint-10 in GCS",
-        )
-        preempted.append(inst)
-        gce.preempt(inst.name, grace_s=10.0)  # GCE: 30 s; scaled down
-
-    t = threading.Thread(target=preempt_mid_training, daemon=True)
-    t.start()
+    t, preempted = preempt_first_vm_after_checkpoint(gce, 10, grace_s=10.0, timeout_s=90)
     with run_gce_job(
         gce_instance, mode="train", steps=steps, step_s=0.1, checkpoint_every=every
     ) as result:
@@ -394,11 +380,7 @@ def test_a_preemption_delivered_as_gce_does_ends_in_an_emergency_checkpoint(
     assert re.search(r"shutdown-script: the lab agent (has already )?stopped", console), console
     run = Path(inst.systemd.units[protocol.AGENT_UNIT].env[protocol.HOME_ENV])
     assert (run / protocol.AGENT_EXITED_FILE).read_text().strip() == "0"
-    trained = [
-        (int(m.split()[2]), int(m.split()[4].rstrip(")")))
-        for m in msgs
-        if m.startswith("trained step")
-    ]
+    trained = trained_steps(msgs)
     first = [s for s, a in trained if a == 1]
     second = [s for s, a in trained if a == 2]
     assert first and second and second[-1] == steps

@@ -13,7 +13,13 @@ import time
 from dagster import DagsterInstance
 
 from lab_assets_tests.fakes.fake_compute import REPO_ROOT
-from lab_assets_tests.gce_fixtures import BUCKET, messages, run_gce_job
+from lab_assets_tests.gce_fixtures import (
+    BUCKET,
+    messages,
+    preempt_first_vm_after_checkpoint,
+    run_gce_job,
+    trained_steps,
+)
 from lab_assets_tests.handshake import acknowledge_when_logged
 from resources.compute.gce.gcs import Gcs
 
@@ -200,26 +206,7 @@ with DagsterInstance.local_temp(home) as inst:
 
 def test_preemption_resumes_from_the_checkpoint_on_a_new_vm(gce, gce_instance):
     steps, every = 30, 5
-    gcs = Gcs()
-    preempted: list[str] = []
-
-    def preempt_mid_training():
-        inst = gce.wait_for(
-            lambda: next((i for i in gce.live() if i.name.endswith("-a1")), None), 60, "VM 1"
-        )
-        gce.wait_for(
-            lambda: any(
-                u.endswith("checkpoint-10/trainer_state.json")
-                for u in gcs.list(f"gs://{BUCKET}/gce/_launches")
-            ),
-            60,
-            "checkpoint-10 in GCS",
-        )
-        preempted.append(inst.name)
-        gce.preempt(inst.name, grace_s=5.0)
-
-    t = threading.Thread(target=preempt_mid_training, daemon=True)
-    t.start()
+    t, _ = preempt_first_vm_after_checkpoint(gce, 10, grace_s=5.0, timeout_s=60)
     with run_gce_job(
         gce_instance, mode="train", steps=steps, step_s=0.1, checkpoint_every=every
     ) as result:
@@ -230,11 +217,7 @@ def test_preemption_resumes_from_the_checkpoint_on_a_new_vm(gce, gce_instance):
     bodies = _vm_of(gce, result.run_id)
     assert [b["name"][-2:] for b in bodies] == ["a1", "a2"]
     assert all(gce.find(b["name"]) is None for b in bodies)
-    trained = [
-        (int(m.split()[2]), int(m.split()[4].rstrip(")")))
-        for m in msgs
-        if m.startswith("trained step")
-    ]
+    trained = trained_steps(msgs)
     first = [s for s, a in trained if a == 1]
     second = [s for s, a in trained if a == 2]
     assert first and second and second[-1] == steps
