@@ -189,6 +189,11 @@ def partition_dirname(partition: str | None) -> str:
     return "".join(out)
 
 
+def partition_label(partition: str | None) -> str:
+    """A partition as messages and manifests name it: its key, or `all` for unpartitioned."""
+    return UNPARTITIONED if partition is None else partition
+
+
 def partition_from_dirname(name: str) -> str:
     """The partition key a directory name (`partition_dirname`) stands for."""
     return unquote(name.replace("+", "|"), errors="strict")

@@ -50,6 +50,7 @@ from resources.storage.base import (
     StorageError,
     partition_dirname,
     partition_from_dirname,
+    partition_label,
     scan_dir,
     verify_dir,
 )
@@ -108,7 +109,7 @@ class LocalArtifactStore(ArtifactStore):
                     if time.monotonic() >= deadline:
                         raise ConcurrentWriteError(
                             f"{self.uri(asset, partition)}: another writer is committing "
-                            f"{asset}/{partition_dirname(partition)}"
+                            f"{asset}/{partition_label(partition)}"
                             + (" (or a reader is checking it)" if exclusive else "")
                             + f" and has held its lock {path} for over "
                             f"{self.lock_timeout_s:g} s"
@@ -138,7 +139,7 @@ class LocalArtifactStore(ArtifactStore):
             shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST_NAME))
             manifest = Manifest(
                 asset=asset,
-                partition=key,
+                partition=partition_label(partition),
                 files=scan_dir(staging),
                 created_at=time.time(),
                 metadata=dict(metadata or {}),
@@ -148,8 +149,8 @@ class LocalArtifactStore(ArtifactStore):
                 if _read_text(target / MANIFEST_NAME) != seen:
                     raise ConcurrentWriteError(
                         f"{self.uri(asset, partition)}: another writer committed "
-                        f"{asset}/{key} while this one was staging its files; this "
-                        "writer's files were discarded; try again"
+                        f"{asset}/{partition_label(partition)} while this one was staging its "
+                        "files; this writer's files were discarded; try again"
                     )
                 if not target.exists():
                     staging.rename(target)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing as mp
 import os
+import re
 import shutil
 import traceback
 from pathlib import Path
@@ -24,6 +25,8 @@ from resources.storage.base import MANIFEST_NAME, ConcurrentWriteError
 from resources.storage.local import LocalArtifactStore
 
 ASSET, KEY = "adapter", "tiny|sft-arith-r8-s0"
+FOLDER = "tiny+sft-arith-r8-s0"  # the partition's shell-safe directory name
+KEY_RE = re.escape(KEY)
 ROUNDS = 30
 
 
@@ -133,13 +136,13 @@ def test_two_writers_and_a_reader_on_one_partition(tmp_path, monkeypatch, use_ex
 
     # No leftovers: the asset directory holds the partition only.
     asset_dir = Path(root) / "exp" / ASSET
-    assert [p.name for p in asset_dir.iterdir()] == [KEY]
-    assert sorted(p.name for p in (asset_dir / KEY).iterdir()) == sorted(
-        [MANIFEST_NAME, "sub", "weights.bin", next(iter(_tags(asset_dir / KEY)))]
+    assert [p.name for p in asset_dir.iterdir()] == [FOLDER]
+    assert sorted(p.name for p in (asset_dir / FOLDER).iterdir()) == sorted(
+        [MANIFEST_NAME, "sub", "weights.bin", next(iter(_tags(asset_dir / FOLDER)))]
     )
     assert store.verify(ASSET, KEY) == [] and store.check(ASSET, KEY) == []
     # The final version is a last-round winner's.
-    final = next(iter(_tags(asset_dir / KEY)))
+    final = next(iter(_tags(asset_dir / FOLDER)))
     assert final in {f"w{w}r{ROUNDS - 1}.tag" for w in winners[ROUNDS - 1]}
 
     assert bad == []  # a reader never saw a half-replaced partition
@@ -162,18 +165,18 @@ def test_a_commit_that_cannot_get_the_lock_fails_clearly_and_cleans_up(tmp_path)
         fcntl.flock(fd, fcntl.LOCK_SH)  # a reader checking the files, for longer than allowed
         with pytest.raises(
             ConcurrentWriteError,
-            match=rf"another writer is committing {ASSET}/{KEY}.*discarded; try again",
+            match=rf"another writer is committing {ASSET}/{KEY_RE}.*discarded; try again",
         ):
             store.commit(ASSET, KEY, _src(tmp_path, "new"))
         assert store.read_manifest(ASSET, KEY) is not None  # readers share the lock
         fcntl.flock(fd, fcntl.LOCK_EX)  # a committer stuck mid-swap: readers give up too
-        with pytest.raises(ConcurrentWriteError, match=rf"committing {ASSET}/{KEY}.*try again"):
+        with pytest.raises(ConcurrentWriteError, match=rf"committing {ASSET}/{KEY_RE}.*try again"):
             store.verified_path(ASSET, KEY)
     finally:
         os.close(fd)
     d = tmp_path / "root" / "exp" / ASSET
-    assert [p.name for p in d.iterdir()] == [KEY]  # no staging left
-    assert _tags(d / KEY) == {"old.tag"} and store.verify(ASSET, KEY) == []
+    assert [p.name for p in d.iterdir()] == [FOLDER]  # no staging left
+    assert _tags(d / FOLDER) == {"old.tag"} and store.verify(ASSET, KEY) == []
 
 
 @pytest.mark.timeout(60)
@@ -192,10 +195,10 @@ def test_a_commit_overtaken_by_another_writer_loses(tmp_path, monkeypatch):
         return files
 
     monkeypatch.setattr(local_mod, "scan_dir", scan_then_overtake)
-    with pytest.raises(ConcurrentWriteError, match=rf"another writer committed {ASSET}/{KEY}"):
+    with pytest.raises(ConcurrentWriteError, match=rf"another writer committed {ASSET}/{KEY_RE}"):
         store.commit(ASSET, KEY, _src(tmp_path, "mine"))
     d = tmp_path / "root" / "exp" / ASSET
-    assert [p.name for p in d.iterdir()] == [KEY]
-    assert _tags(d / KEY) == {"other.tag"} and store.verify(ASSET, KEY) == []
+    assert [p.name for p in d.iterdir()] == [FOLDER]
+    assert _tags(d / FOLDER) == {"other.tag"} and store.verify(ASSET, KEY) == []
     store.commit(ASSET, KEY, _src(tmp_path, "mine"))  # a re-run replaces it
-    assert _tags(d / KEY) == {"mine.tag"}
+    assert _tags(d / FOLDER) == {"mine.tag"}

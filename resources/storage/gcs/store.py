@@ -29,6 +29,7 @@ from resources.storage.base import (
     StorageError,
     partition_dirname,
     partition_from_dirname,
+    partition_label,
     verify_dir,
 )
 from resources.storage.gcs.cache import default_cache_dir
@@ -70,7 +71,7 @@ class GCSArtifactStore(ArtifactStore):
         self, asset: str, partition: str | None, src: Path, metadata: dict[str, Any] | None = None
     ) -> Manifest:
         return self.directory(asset, partition).commit(
-            Path(src), asset=asset, partition=partition_dirname(partition), metadata=metadata
+            Path(src), asset=asset, partition=partition_label(partition), metadata=metadata
         )
 
     def read_manifest(self, asset: str, partition: str | None) -> Manifest | None:
