@@ -62,13 +62,15 @@ def test_runs_overlap_in_time(small_lab):
 
 
 def _forked_workers() -> list[psutil.Process]:
-    """Live run and step workers forked by a warm worker server (the server's children).
+    """Live run and step workers forked by a warm worker server of this interpreter (the
+    server's children; another checkout's `lab` on this machine has its own servers).
 
     Their /proc environ is the server's, so they are found by parentage, not by env."""
     out = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if "resources.remote.fork_server" in " ".join(p.cmdline()):
+            cmd = p.cmdline()
+            if cmd and cmd[0] == sys.executable and "resources.remote.fork_server" in " ".join(cmd):
                 out += [c for c in p.children() if c.status() != psutil.STATUS_ZOMBIE]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -177,11 +179,13 @@ def test_the_daemon_lab_started_dies_with_lab_even_on_sigkill(tmp_path):
     log = tmp_path / "home" / "lab" / "daemon.log"
 
     def daemons():
-        return [
-            p
-            for p in _lab_workers(str(tmp_path / "scratch"))
-            if "lab_assets.orchestration.daemon_main" in " ".join(p.cmdline())
-        ]
+        out = []
+        for p in _lab_workers(str(tmp_path / "scratch")):
+            # gone or a zombie (nobody reaps an orphan here): dead either way
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "lab_assets.orchestration.daemon_main" in " ".join(p.cmdline()):
+                    out.append(p)
+        return out
 
     try:
         deadline = time.monotonic() + 300
